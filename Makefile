@@ -1,0 +1,44 @@
+# Set-up and the two entry points of the README: `make demo` and `make test`.
+# Both create .venv and install the project with its test extras when needed.
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# clean-fid needs torchvision; on this project's CPU machines this is the pair that imports together.
+# Elsewhere, install torch for your platform first, or override: make test TORCH_SPEC="torch torchvision"
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install demo test test-fast lint format bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/apex distill --recipe toy2d-apex --overwrite
+
+test: $(STAMP) lint
+	$(BIN)/python -m pytest
+
+test-fast: $(STAMP) lint
+	$(BIN)/python -m pytest -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench: $(STAMP)
+	$(BIN)/python bench/step_cost.py
+	$(BIN)/python bench/toy2d_ablation.py
+
+clean:
+	rm -rf $(VENV) runs bench/runs .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,5 @@
+"""`python -m apex_cli` runs the CLI."""
+
+from apex_cli.cli.app import main
+
+main()

@@ -1,0 +1,319 @@
+"""Recipes: YAML -> frozen, validated pydantic models; ``--set key.sub=value`` overrides; built-in lookup.
+
+A recipe has the sections ``model``, ``data``, ``method``, ``sampler``, ``train``, ``hardware`` and
+``output``. YAML keys are the field names used in code and in logs. Every section forbids unknown keys,
+so a typo is an error with its dotted path, and all errors are reported at once.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from apex_cli.core.shift import SHIFT_NAMES
+from apex_cli.errors import RecipeError
+
+SCHEMA_VERSION = 1
+ShiftName = Literal["negate", "affine", "negative_time", "negate+negative_time"]
+assert set(ShiftName.__args__) == set(SHIFT_NAMES)  # type: ignore[attr-defined]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Toy2dModelConfig(_Section):
+    """A small MLP velocity model ``F(x_t, t, r, class)`` for the 2-D mixtures."""
+
+    name: Literal["toy2d-mlp"]
+    init: str | None = Field(None, description="checkpoint (run or checkpoint directory) to start from")
+    init_recipe: str | None = Field(None, description="recipe that trains `init` first when it does not exist")
+    hidden_dim: int = Field(256, ge=1)
+    depth: int = Field(4, ge=1)
+    embed_dim: int = Field(64, ge=1)
+    target_time: Literal["embedder", "midpoint"] = Field(
+        "embedder", description="E4a: a second time embedder for r (teacher at r = t); E4b: one input t - r/2"
+    )
+
+
+class Toy2dDataConfig(_Section):
+    """Class-conditional 2-D Gaussian mixture; mode ``i`` of ``M`` belongs to class ``floor(i num_classes / M)``."""
+
+    name: Literal["toy2d"]
+    layout: Literal["ring", "grid", "line"] = "ring"
+    num_modes: int = Field(8, ge=1)
+    weights: list[float] | None = Field(None, description="per-mode weights (normalised); null = equal")
+    mode_std: float = Field(0.1, gt=0)
+    scale: float = Field(2.0, gt=0, description="ring radius, grid / line half-width")
+    num_classes: int | None = Field(None, ge=1, description="null = one class per mode")
+
+    @model_validator(mode="after")
+    def _check(self) -> Toy2dDataConfig:
+        if self.weights is not None:
+            if len(self.weights) != self.num_modes:
+                raise ValueError(f"weights has {len(self.weights)} entries but num_modes is {self.num_modes}")
+            if any(w <= 0 for w in self.weights):
+                raise ValueError("weights must all be > 0")
+        if self.layout == "grid" and math.isqrt(self.num_modes) ** 2 != self.num_modes:
+            raise ValueError(f"layout 'grid' needs a square num_modes (4, 9, 16, ...), got {self.num_modes}")
+        if self.num_classes is not None and self.num_classes > self.num_modes:
+            raise ValueError(f"num_classes ({self.num_classes}) cannot exceed num_modes ({self.num_modes})")
+        return self
+
+
+class RoleFractions(_Section):
+    """Relative share of each role in a batch (section 5); a role with 0 gets no rows."""
+
+    e2e: float = Field(1.0, ge=0)
+    mul: float = Field(1.0, ge=0)
+    any: float = Field(1.0, ge=0)
+    adv: float = Field(1.0, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> RoleFractions:
+        if self.e2e + self.mul + self.any + self.adv <= 0:
+            raise ValueError("at least one role fraction must be > 0")
+        return self
+
+    def as_tuple(self) -> tuple[float, float, float, float]:
+        """``(e2e, mul, any, adv)``."""
+        return (self.e2e, self.mul, self.any, self.adv)
+
+
+class MethodConfig(_Section):
+    """The APEX objective (method.md E4-E14). Plain flow matching: only ``mul`` rows, k = 0, N = 0."""
+
+    roles: RoleFractions = RoleFractions()
+    time_dist: tuple[float, float, float] = Field((1.0, 1.0, 1.0), description="t ~ Beta(a, b) * s")
+    consistency_ratio: float = Field(1.0, ge=0, le=1, description="k in r = t - u k t")
+    enhanced_ratio: float = Field(0.0, ge=0, description="lambda of the guidance-enhanced target (E7)")
+    estimate_order: int = Field(2, ge=0, description="N of the recursive-consistency target (E8); 0 = off")
+    delta: float = Field(0.01, gt=0, lt=1, description="finite-difference step of E8")
+    loss: Literal["barron", "l2"] = "barron"
+    barron_c: float = Field(1e-3, gt=0)
+    dist_match_coef: float = Field(0.5, ge=0, description="lambda_dm of the self-adversarial term (E12, E14)")
+    adversarial_weighting: Literal["uniform", "kl"] = "uniform"
+    shift: ShiftName = "negate"
+    shift_seed: int = 0
+    reference: Literal["online", "ema", "frozen"] = Field("ema", description="F_ref of E7 (and E8 rollout)")
+    ema_decay: float = Field(0.99, gt=0, lt=1)
+    cond_dropout: float = Field(0.0, ge=0, lt=1, description="share of rows trained unconditionally (CFG)")
+
+    @model_validator(mode="after")
+    def _check(self) -> MethodConfig:
+        a, b, s = self.time_dist
+        if a <= 0 or b <= 0 or not 0 < s <= 1:
+            raise ValueError(f"time_dist [a, b, s] needs a > 0, b > 0, 0 < s <= 1, got {list(self.time_dist)}")
+        if self.reference != "frozen" and self.enhanced_ratio >= 1:
+            raise ValueError(
+                f"enhanced_ratio must be < 1 with reference {self.reference!r} (guidance compounds to "
+                f"1 / (1 - lambda)); got {self.enhanced_ratio}. Use reference: frozen for lambda >= 1"
+            )
+        if self.dist_match_coef > 0 and (self.roles.adv == 0 or self.roles.e2e == 0):
+            raise ValueError("dist_match_coef > 0 needs roles.adv > 0 and roles.e2e > 0 (set it to 0 to disable)")
+        return self
+
+
+class SamplerConfig(_Section):
+    """How the trained model samples (method.md section 6); stored with exports."""
+
+    style: Literal["few", "any", "mul"] = "few"
+    nfe: int = Field(1, ge=1)
+    gap: tuple[float, float] = (0.001, 0.0)
+    kumaraswamy: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    stochastic_ratio: float = Field(1.0, ge=0, le=1)
+    guidance: float = Field(0.0, ge=0, description="F_c + g (F_c - F_u); 0 for distilled students")
+
+    @model_validator(mode="after")
+    def _check(self) -> SamplerConfig:
+        g0, g1 = self.gap
+        if not 0 <= g0 < 1 - g1 <= 1:
+            raise ValueError(f"gap [g0, g1] needs 0 <= g0 < 1 - g1 <= 1, got {list(self.gap)}")
+        if any(k <= 0 for k in self.kumaraswamy):
+            raise ValueError(f"kumaraswamy [a, b, c] must be > 0, got {list(self.kumaraswamy)}")
+        return self
+
+
+class TrainConfig(_Section):
+    """The optimisation loop: AdamW, grad-norm clip, seeded."""
+
+    steps: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    seed: int = 0
+    checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = only the final one")
+
+
+class HardwareConfig(_Section):
+    """Where and how the run executes (one process in this release)."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 = autocast around the forward passes")
+    num_threads: int | None = Field(None, ge=1, description="CPU threads; null = torch's default")
+
+
+class OutputConfig(_Section):
+    """Where results go."""
+
+    dir: str = Field(description="run directory (relative paths are relative to the working directory)")
+    eval_samples: int = Field(4000, ge=100, description="samples per set for the end-of-run evaluation")
+
+
+class Recipe(_Section):
+    """A whole recipe: ``apex distill --recipe NAME_OR_PATH``."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    name: str
+    description: str = ""
+    model: Toy2dModelConfig
+    data: Toy2dDataConfig
+    method: MethodConfig = MethodConfig()
+    sampler: SamplerConfig = SamplerConfig()
+    train: TrainConfig
+    hardware: HardwareConfig = HardwareConfig()
+    output: OutputConfig
+
+    @model_validator(mode="after")
+    def _check(self) -> Recipe:
+        active = sum(f > 0 for f in self.method.roles.as_tuple())
+        if self.train.batch_size < active:
+            raise ValueError(
+                f"train.batch_size ({self.train.batch_size}) is smaller than the {active} active method.roles"
+            )
+        return self
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def builtin_recipes() -> dict[str, str]:
+    """Built-in recipe names -> YAML text (they ship inside the package as ``apex_cli.recipes``)."""
+    folder = resources.files("apex_cli.recipes")
+    return {
+        entry.name.removesuffix(".yaml"): entry.read_text()
+        for entry in sorted(folder.iterdir(), key=lambda e: e.name)
+        if entry.name.endswith(".yaml")
+    }
+
+
+def find_recipe(name_or_path: str) -> tuple[str, str]:
+    """Return ``(source, yaml_text)`` of a recipe given as a file path or a built-in name.
+
+    Raises:
+        RecipeError: If it is neither an existing file nor a built-in recipe.
+    """
+    path = Path(name_or_path)
+    if path.is_file():
+        try:
+            return str(path), path.read_text()
+        except OSError as err:
+            raise RecipeError(f"cannot read recipe file {path}: {err.strerror}") from None
+    builtins = builtin_recipes()
+    name = name_or_path.removesuffix(".yaml").removesuffix(".yml")
+    if name in builtins:
+        return f"built-in recipe {name}", builtins[name]
+    close = difflib.get_close_matches(name, list(builtins), n=1)
+    suggestion = f" Did you mean {close[0]!r}?" if close else ""
+    raise RecipeError(
+        f"recipe {name_or_path!r} not found: no such file and no built-in recipe of that name.{suggestion}",
+        hint="`apex recipes list` shows the built-in recipes; pass a path to use your own YAML file.",
+    )
+
+
+def parse_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides (values parsed as YAML) to a raw recipe dict, returning a new dict."""
+    result = yaml.safe_load(yaml.safe_dump(raw))  # deep copy of plain data
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise RecipeError(f"override {item!r} is not of the form key.sub=value", hint="e.g. --set train.lr=1e-4")
+        *parents, leaf = key.strip().split(".")
+        node = result
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"override {item!r}: {part!r} is not a section")
+        try:
+            node[leaf] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            node[leaf] = value
+    return result
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
+    """Find, parse, override and validate a recipe.
+
+    Raises:
+        RecipeError: With every problem and its dotted path, on one line.
+    """
+    source, text = find_recipe(name_or_path)
+    return validate_recipe(parse_yaml(source, text), source, overrides or [])
+
+
+def parse_yaml(source: str, text: str) -> dict[str, Any]:
+    """YAML text -> dict, with a one-line error naming the line on malformed YAML."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise RecipeError(f"{source} is not valid YAML{where}: {problem}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{source} must be a YAML mapping with sections model, data, method, ...")
+    return raw
+
+
+def validate_recipe(raw: dict[str, Any], source: str, overrides: list[str]) -> Recipe:
+    """Validate a raw dict (after overrides) against the schema."""
+    raw = parse_overrides(raw, overrides)
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as err:
+        problems = [_describe(error) for error in err.errors()]
+        raise RecipeError(
+            f"{source} is invalid: " + "; ".join(problems),
+            hint="fix the file or override a value with --set key.sub=value; `apex recipes show NAME` shows examples.",
+        ) from None
+
+
+def _describe(error: Any) -> str:
+    loc = [str(part) for part in error["loc"]]
+    path = ".".join(loc) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        allowed = _fields_at(loc[:-1])
+        close = difflib.get_close_matches(loc[-1], allowed, n=1)
+        suggestion = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(allowed)}"
+        return f"{path}: unknown key{suggestion}"
+    if error["type"] == "missing":
+        return f"{path}: required key is missing"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"].startswith("value_error") or error["type"] == "assertion_error":
+        return f"{path}: {message}"
+    return f"{path}: {message} (got {error.get('input')!r})"
+
+
+def _fields_at(loc: list[str]) -> list[str]:
+    model: Any = Recipe
+    for part in loc:
+        field = model.model_fields.get(part)
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The resolved recipe as YAML (plain text, every field spelled out)."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, default_flow_style=None, width=120)

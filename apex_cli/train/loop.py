@@ -1,0 +1,210 @@
+"""The training loop of `apex distill`, readable top to bottom: setup, steps, checkpoints, report.
+
+One loop serves teacher training (plain flow matching: the objective with only ``mul`` rows) and APEX
+distillation; the recipe's ``method`` section is the only difference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import nn
+
+from apex_cli.config import Recipe, dump_recipe, load_recipe
+from apex_cli.core.objective import ObjectiveModels, ObjectiveSettings, apex_loss
+from apex_cli.core.shift import ConditionShift
+from apex_cli.errors import ApexError, CheckpointError
+from apex_cli.train.checkpoint import FINAL, atomic_write_text, load_weights, read_checkpoint, save_checkpoint
+from apex_cli.train.ema import EMA
+from apex_cli.train.toy2d import Toy2dTask
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What a finished run produced."""
+
+    run_dir: Path
+    checkpoint: Path
+    metrics: dict[str, Any]
+    train_seconds: float
+    kind: str
+
+
+def is_teacher_recipe(recipe: Recipe) -> bool:
+    """A recipe trains a teacher when every row is a flow-matching row with ``r = t`` (mul only, k = 0)."""
+    roles = recipe.method.roles
+    return roles.e2e == roles.any == roles.adv == 0 and recipe.method.consistency_ratio == 0
+
+
+def objective_settings(recipe: Recipe) -> ObjectiveSettings:
+    """The recipe's ``method`` section as the objective's settings."""
+    m = recipe.method
+    return ObjectiveSettings(
+        role_fractions=m.roles.as_tuple(),
+        time_dist=m.time_dist,
+        consistency_ratio=m.consistency_ratio,
+        enhanced_ratio=m.enhanced_ratio,
+        estimate_order=m.estimate_order,
+        delta=m.delta,
+        loss=m.loss,
+        barron_c=m.barron_c,
+        dist_match_coef=m.dist_match_coef,
+        adversarial_weighting=m.adversarial_weighting,
+        cond_dropout=m.cond_dropout,
+    )
+
+
+def run_distillation(recipe: Recipe, *, overwrite: bool = False, console: Console | None = None) -> RunResult:
+    """Train the recipe's model and write checkpoints, metrics and the report into ``output.dir``."""
+    console = console or Console(stderr=True)
+    run_dir = Path(recipe.output.dir)
+    if (run_dir / FINAL).exists() and not overwrite:
+        raise ApexError(
+            f"{run_dir} already holds a finished run",
+            hint="pass --overwrite to replace it, or choose another directory with --set output.dir=PATH",
+        )
+    recipe_yaml = dump_recipe(recipe)
+    atomic_write_text(run_dir / "config.yaml", recipe_yaml)
+    device = _device(recipe.hardware.device)
+    if recipe.hardware.num_threads:
+        torch.set_num_threads(recipe.hardware.num_threads)
+    torch.manual_seed(recipe.train.seed)
+
+    # Models: the online network, the frozen teacher it starts from, and the E7 / E8 references.
+    task = Toy2dTask(recipe)
+    model = task.build_model().to(device)
+    teacher = _load_init(recipe, model, console)
+    kind = "teacher" if is_teacher_recipe(recipe) else "student"
+    ema = EMA(model, recipe.method.ema_decay) if recipe.method.reference == "ema" else None
+    frozen = teacher if teacher is not None else copy.deepcopy(model).requires_grad_(False)
+    reference = {"ema": ema.model if ema else model, "online": model, "frozen": frozen}[recipe.method.reference]
+    models = ObjectiveModels(online=model, reference=reference, rollout=ema.model if ema else model)  # type: ignore[arg-type]
+    settings = objective_settings(recipe)
+    shift = ConditionShift(recipe.method.shift, seed=recipe.method.shift_seed)
+
+    train = recipe.train
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, betas=train.betas, weight_decay=train.weight_decay)
+    warmup = max(train.warmup_steps, 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+    batches = task.batches(train.batch_size, train.seed, device)
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16)
+        if recipe.hardware.precision == "bf16"
+        else contextlib.nullcontext()
+    )
+    log_path = run_dir / "metrics.jsonl"
+    log_path.unlink(missing_ok=True)
+
+    start = time.perf_counter()
+    with _progress(console) as progress, log_path.open("a") as log:
+        task_id = progress.add_task(f"{kind} {recipe.name}", total=train.steps, loss="")
+        for step in range(1, train.steps + 1):
+            x_data, cond = next(batches)
+            with autocast:
+                out = apex_loss(models, x_data, cond, model.unconditional(x_data.shape[0], device), settings, shift)
+            optimizer.zero_grad(set_to_none=True)
+            out.total.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            if ema is not None:
+                ema.update(model)
+            if step % 10 == 0 or step == train.steps:  # .item() syncs: only on logging steps
+                record = {k: round(float(v), 6) for k, v in out.terms.items()}
+                record.update(step=step, lr=scheduler.get_last_lr()[0], grad_norm=round(float(grad_norm), 4))
+                record["seconds"] = round(time.perf_counter() - start, 3)
+                log.write(json.dumps(record) + "\n")
+                progress.update(task_id, loss=f"loss {record['total']:.4f}")
+            progress.advance(task_id)
+            if not console.is_terminal and step % max(train.steps // 10, 1) == 0:  # no live bar: plain lines
+                console.print(f"{kind} {recipe.name}: step {step}/{train.steps}, {float(out.terms['total']):.4f} loss")
+            if train.checkpoint_every and step % train.checkpoint_every == 0 and step < train.steps:
+                _save(run_dir / "checkpoints" / f"step_{step:07d}", recipe_yaml, model, ema, step, kind)
+    train_seconds = time.perf_counter() - start
+    checkpoint = _save(run_dir / FINAL, recipe_yaml, model, ema, train.steps, kind)
+
+    console.print(f"[dim]evaluating {recipe.output.eval_samples} samples per set ...[/]")
+    sampled = ema.model if ema is not None else model
+    model.eval()
+    metrics = task.report(run_dir, None if kind == "teacher" else sampled, sampled if teacher is None else teacher)
+    metrics["train_seconds"] = round(train_seconds, 2)
+    atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
+    return RunResult(run_dir=run_dir, checkpoint=checkpoint, metrics=metrics, train_seconds=train_seconds, kind=kind)
+
+
+def _load_init(recipe: Recipe, model: nn.Module, console: Console) -> nn.Module | None:
+    """Load ``model.init`` into ``model`` (training it first from ``model.init_recipe`` if it is missing).
+
+    Returns:
+        A frozen copy of the loaded model (the teacher), or None when training from scratch.
+    """
+    init = recipe.model.init
+    if init is None:
+        return None
+    path = Path(init)
+    if not (path / FINAL / "meta.json").is_file() and not (path / "meta.json").is_file():
+        if recipe.model.init_recipe is None:
+            raise CheckpointError(
+                f"model.init: {path} does not exist",
+                hint="train a teacher first (e.g. apex distill --recipe toy2d-teacher) or set model.init_recipe",
+            )
+        init_recipe = load_recipe(recipe.model.init_recipe)
+        raw = init_recipe.model_dump(mode="json")
+        raw.update(data=recipe.data.model_dump(mode="json"), hardware=recipe.hardware.model_dump(mode="json"))
+        raw["output"]["dir"] = str(path)
+        init_recipe = Recipe.model_validate(raw)
+        console.print(f"No teacher at {path}: training it first with recipe {recipe.model.init_recipe} on this data.")
+        run_distillation(init_recipe, console=console)
+    directory, init_recipe, meta = read_checkpoint(path)
+    if init_recipe.data != recipe.data:
+        mine, theirs = recipe.data.model_dump(), init_recipe.data.model_dump()
+        diff = ", ".join(f"data.{k}: {theirs[k]!r} vs {mine[k]!r}" for k in mine if mine[k] != theirs[k])
+        raise CheckpointError(
+            f"model.init {directory} was trained on other data ({diff})",
+            hint="train a matching teacher with the same --set data.* overrides and point model.init at it",
+        )
+    architecture = ("name", "hidden_dim", "depth", "embed_dim", "target_time")
+    mine, theirs = recipe.model.model_dump(), init_recipe.model.model_dump()
+    diff = ", ".join(f"model.{k}: {theirs[k]!r} vs {mine[k]!r}" for k in architecture if mine[k] != theirs[k])
+    if diff:
+        raise CheckpointError(f"model.init {directory} has another architecture ({diff})")
+    load_weights(model, directory, "ema" if (directory / "ema.safetensors").is_file() else "model")
+    if meta.get("kind") == "teacher":
+        model.init_target_time_embedder()  # type: ignore[operator]
+    return copy.deepcopy(model).requires_grad_(False).eval()
+
+
+def _save(directory: Path, recipe_yaml: str, model: nn.Module, ema: EMA | None, step: int, kind: str) -> Path:
+    weights = {"model": model.state_dict()}
+    if ema is not None:
+        weights["ema"] = ema.model.state_dict()
+    return save_checkpoint(directory, recipe_yaml, weights, {"step": step, "kind": kind})
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ApexError("hardware.device is 'cuda' but no CUDA device is available", hint="--set hardware.device=cpu")
+    return torch.device(name)
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[loss]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    )
