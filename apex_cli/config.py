@@ -11,7 +11,7 @@ import difflib
 import math
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -40,6 +40,28 @@ class Toy2dModelConfig(_Section):
     target_time: Literal["embedder", "midpoint"] = Field(
         "embedder", description="E4a: a second time embedder for r (teacher at r = t); E4b: one input t - r/2"
     )
+
+
+class ShapesModelConfig(_Section):
+    """The built-in text-to-image model of the shapes world: a small pixel-space UNet with cross-attention."""
+
+    name: Literal["shapes-unet"]
+    init: str | None = Field(None, description="checkpoint (run or checkpoint directory) to start from")
+    init_recipe: str | None = Field(None, description="recipe that trains `init` first when it does not exist")
+    block_out_channels: tuple[int, ...] = Field((64, 128, 128), min_length=2)
+    layers_per_block: int = Field(1, ge=1)
+    attention_heads: int = Field(4, ge=1)
+    cross_attention_dim: int = Field(128, ge=1)
+    norm_num_groups: int = Field(16, ge=1)
+    text_seed: int = Field(0, description="seed of the frozen random text encoder")
+    target_time: Literal["embedder"] = Field("embedder", description="E4a: a second time embedder for r")
+
+
+class ShapesDataConfig(_Section):
+    """The built-in shapes world: (prompt, image) pairs from the renderer, GenEval's six task templates."""
+
+    name: Literal["shapes"]
+    image_size: Literal[32, 64] = 32
 
 
 class Toy2dDataConfig(_Section):
@@ -166,7 +188,13 @@ class OutputConfig(_Section):
     """Where results go."""
 
     dir: str = Field(description="run directory (relative paths are relative to the working directory)")
-    eval_samples: int = Field(4000, ge=100, description="samples per set for the end-of-run evaluation")
+    evaluate: bool = Field(True, description="measure the run at its end (2-D: energy distance; shapes: GenEval)")
+    eval_samples: int = Field(4000, ge=100, description="2-D runs: points per sample set of the evaluation")
+
+
+MODEL_DATA = {"toy2d-mlp": "toy2d", "shapes-unet": "shapes"}
+"""The data each model name is built for."""
+UNION_TAGS = {"model": set(MODEL_DATA), "data": set(MODEL_DATA.values())}
 
 
 class Recipe(_Section):
@@ -175,8 +203,8 @@ class Recipe(_Section):
     schema_version: Literal[1] = SCHEMA_VERSION
     name: str
     description: str = ""
-    model: Toy2dModelConfig
-    data: Toy2dDataConfig
+    model: Annotated[Toy2dModelConfig | ShapesModelConfig, Field(discriminator="name")]
+    data: Annotated[Toy2dDataConfig | ShapesDataConfig, Field(discriminator="name")]
     method: MethodConfig = MethodConfig()
     sampler: SamplerConfig = SamplerConfig()
     train: TrainConfig
@@ -185,6 +213,9 @@ class Recipe(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> Recipe:
+        expected = MODEL_DATA[self.model.name]
+        if self.data.name != expected:
+            raise ValueError(f"model {self.model.name!r} trains on data {expected!r}, not {self.data.name!r}")
         active = sum(f > 0 for f in self.method.roles.as_tuple())
         if self.train.batch_size < active:
             raise ValueError(
@@ -290,12 +321,17 @@ def validate_recipe(raw: dict[str, Any], source: str, overrides: list[str]) -> R
 
 def _describe(error: Any) -> str:
     loc = [str(part) for part in error["loc"]]
+    if len(loc) > 1 and loc[1] in UNION_TAGS.get(loc[0], ()):  # pydantic puts the union member's tag in the path
+        loc = [loc[0], *loc[2:]]
     path = ".".join(loc) or "(top level)"
     if error["type"] == "extra_forbidden":
-        allowed = _fields_at(loc[:-1])
+        allowed = _fields_at(loc[:-1], error["loc"])
         close = difflib.get_close_matches(loc[-1], allowed, n=1)
         suggestion = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(allowed)}"
         return f"{path}: unknown key{suggestion}"
+    if error["type"] == "union_tag_invalid":
+        ctx = error.get("ctx", {})
+        return f"{path}.name: unknown name {ctx.get('tag')!r}; expected one of {ctx.get('expected_tags')}"
     if error["type"] == "missing":
         return f"{path}: required key is missing"
     message = error["msg"].removeprefix("Value error, ")
@@ -304,13 +340,19 @@ def _describe(error: Any) -> str:
     return f"{path}: {message} (got {error.get('input')!r})"
 
 
-def _fields_at(loc: list[str]) -> list[str]:
+def _fields_at(loc: list[str], raw_loc: tuple[Any, ...]) -> list[str]:
     model: Any = Recipe
-    for part in loc:
+    for i, part in enumerate(loc):
         field = model.model_fields.get(part)
-        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+        if field is None:
             return []
-        model = field.annotation
+        members = [a for a in getattr(field.annotation, "__args__", (field.annotation,)) if isinstance(a, type)]
+        members = [m for m in members if issubclass(m, BaseModel)]
+        if len(members) > 1 and i == 0 and len(raw_loc) > 1:  # a union section: the member named in the path
+            members = [m for m in members if raw_loc[1] in m.model_fields["name"].annotation.__args__]
+        if not members:
+            return []
+        model = members[0]
     return list(model.model_fields)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from apex_cli import __version__
+from apex_cli.cli import eval as eval_cli
 from apex_cli.cli import recipes
 from apex_cli.cli.distill import EXAMPLES, distill
 
@@ -17,6 +18,7 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 app.command(no_args_is_help=True, epilog=EXAMPLES)(distill)
+app.add_typer(eval_cli.app, name="eval")
 app.add_typer(recipes.app, name="recipes")
 
 

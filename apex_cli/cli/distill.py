@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from apex_cli.cli._output import stderr, stdout, user_errors
 from apex_cli.config import dump_recipe, find_recipe, load_recipe
@@ -40,16 +39,12 @@ def distill(
         typer.echo(f"# resolved from {find_recipe(recipe)[0]}\n" + dump_recipe(resolved), nl=False)
         return
     from apex_cli.train.loop import run_distillation  # torch is imported here, not at `apex --help`
+    from apex_cli.train.tasks import build_task
 
     result = run_distillation(resolved, overwrite=overwrite, console=stderr)
-    table = Table(title=f"{resolved.name}: energy distance to the true mixture (lower is better)")
-    table.add_column("samples")
-    table.add_column("energy distance", justify="right")
-    for name, value in result.metrics["energy_distance"].items():
-        table.add_row(name.replace("_", ", NFE "), f"{value:.4f}")
-    table.add_row("floor (two true sets)", f"{result.metrics['floor']:.4f}")
-    stdout.print(table)
+    if resolved.output.evaluate:
+        stdout.print(build_task(resolved).summary_table(result.metrics))
     stdout.print(f"trained {result.kind} in {result.train_seconds:.1f} s")
     stdout.print(f"checkpoint: {result.checkpoint}")
-    stdout.print(f"metrics:    {result.run_dir / 'metrics.json'}")
-    stdout.print(f"scatter:    {result.run_dir / 'scatter.png'}")
+    for name, path in result.metrics.get("outputs", {}).items():
+        stdout.print(f"{name + ':':11} {path}")

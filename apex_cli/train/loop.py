@@ -25,7 +25,7 @@ from apex_cli.core.shift import ConditionShift
 from apex_cli.errors import ApexError, CheckpointError
 from apex_cli.train.checkpoint import FINAL, atomic_write_text, load_weights, read_checkpoint, save_checkpoint
 from apex_cli.train.ema import EMA
-from apex_cli.train.toy2d import Toy2dTask
+from apex_cli.train.tasks import build_task
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ def run_distillation(recipe: Recipe, *, overwrite: bool = False, console: Consol
     torch.manual_seed(recipe.train.seed)
 
     # Models: the online network, the frozen teacher it starts from, and the E7 / E8 references.
-    task = Toy2dTask(recipe)
+    task = build_task(recipe)
     model = task.build_model().to(device)
     teacher = _load_init(recipe, model, console)
     kind = "teacher" if is_teacher_recipe(recipe) else "student"
@@ -92,10 +92,11 @@ def run_distillation(recipe: Recipe, *, overwrite: bool = False, console: Consol
     shift = ConditionShift(recipe.method.shift, seed=recipe.method.shift_seed)
 
     train = recipe.train
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, betas=train.betas, weight_decay=train.weight_decay)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=train.lr, betas=train.betas, weight_decay=train.weight_decay)
     warmup = max(train.warmup_steps, 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
-    batches = task.batches(train.batch_size, train.seed, device)
+    batches = task.batches(model, train.batch_size, train.seed, device)
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16)
         if recipe.hardware.precision == "bf16"
@@ -113,7 +114,7 @@ def run_distillation(recipe: Recipe, *, overwrite: bool = False, console: Consol
                 out = apex_loss(models, x_data, cond, model.unconditional(x_data.shape[0], device), settings, shift)
             optimizer.zero_grad(set_to_none=True)
             out.total.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, train.grad_clip)
             optimizer.step()
             scheduler.step()
             if ema is not None:
@@ -132,10 +133,12 @@ def run_distillation(recipe: Recipe, *, overwrite: bool = False, console: Consol
     train_seconds = time.perf_counter() - start
     checkpoint = _save(run_dir / FINAL, recipe_yaml, model, ema, train.steps, kind)
 
-    console.print(f"[dim]evaluating {recipe.output.eval_samples} samples per set ...[/]")
-    sampled = ema.model if ema is not None else model
-    model.eval()
-    metrics = task.report(run_dir, None if kind == "teacher" else sampled, sampled if teacher is None else teacher)
+    metrics: dict[str, Any] = {}
+    if recipe.output.evaluate:
+        console.print("[dim]evaluating the run ...[/]")
+        sampled = ema.model if ema is not None else model
+        model.eval()
+        metrics = task.report(run_dir, None if kind == "teacher" else sampled, sampled if teacher is None else teacher)
     metrics["train_seconds"] = round(train_seconds, 2)
     atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
     return RunResult(run_dir=run_dir, checkpoint=checkpoint, metrics=metrics, train_seconds=train_seconds, kind=kind)
@@ -172,9 +175,9 @@ def _load_init(recipe: Recipe, model: nn.Module, console: Console) -> nn.Module 
             f"model.init {directory} was trained on other data ({diff})",
             hint="train a matching teacher with the same --set data.* overrides and point model.init at it",
         )
-    architecture = ("name", "hidden_dim", "depth", "embed_dim", "target_time")
     mine, theirs = recipe.model.model_dump(), init_recipe.model.model_dump()
-    diff = ", ".join(f"model.{k}: {theirs[k]!r} vs {mine[k]!r}" for k in architecture if mine[k] != theirs[k])
+    architecture = [k for k in mine if k not in ("init", "init_recipe")]
+    diff = ", ".join(f"model.{k}: {theirs.get(k)!r} vs {mine[k]!r}" for k in architecture if mine[k] != theirs.get(k))
     if diff:
         raise CheckpointError(f"model.init {directory} has another architecture ({diff})")
     load_weights(model, directory, "ema" if (directory / "ema.safetensors").is_file() else "model")

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.table import Table
 from torch import Tensor, nn
 
 from apex_cli.config import Recipe, SamplerConfig
@@ -51,7 +52,9 @@ class Toy2dTask:
         cfg = self.recipe.model
         return Toy2dMLP(self.mixture.num_classes, cfg.hidden_dim, cfg.depth, cfg.embed_dim, cfg.target_time)
 
-    def batches(self, batch_size: int, seed: int, device: torch.device) -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
+    def batches(
+        self, model: nn.Module, batch_size: int, seed: int, device: torch.device
+    ) -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
         """An endless, seeded stream of ``(x_data [B, 2], {"labels": [B]})``."""
         generator = torch.Generator().manual_seed(seed)
         while True:
@@ -83,9 +86,25 @@ class Toy2dTask:
             "eval_seed": EVAL_SEED,
             "data": self.recipe.data.model_dump(mode="json"),
         }
+        metrics["outputs"] = {"metrics": str(run_dir / "metrics.json"), "scatter": str(run_dir / "scatter.png")}
         atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
         _scatter(run_dir / "scatter.png", truth, sets, metrics)
         return metrics
+
+    def summary_table(self, metrics: dict[str, Any]) -> Table:
+        """The energy distances of a run as a table (the CLI prints it)."""
+        return summary_table(metrics, self.recipe.name)
+
+
+def summary_table(metrics: dict[str, Any], title: str) -> Table:
+    """The energy distances of a run as a table (the CLI prints it)."""
+    table = Table(title=f"{title}: energy distance to the true mixture (lower is better)")
+    table.add_column("samples")
+    table.add_column("energy distance", justify="right")
+    for name, value in metrics["energy_distance"].items():
+        table.add_row(name.replace("_", ", NFE "), f"{value:.4f}")
+    table.add_row("floor (two true sets)", f"{metrics['floor']:.4f}")
+    return table
 
 
 def _scatter(path: Path, truth: Tensor, sets: dict[str, Tensor], metrics: dict[str, Any]) -> None:

@@ -77,6 +77,9 @@ def test_unknown_section_lists_the_valid_keys():
         (["sampler.style=euler"], "sampler.style: Input should be 'few', 'any' or 'mul'"),
         (["method.time_dist=[1, 1, 2]"], "time_dist [a, b, s] needs"),
         (["train.lr"], "override 'train.lr' is not of the form key.sub=value"),
+        (["model.name=foo"], "model.name: unknown name 'foo'; expected one of 'toy2d-mlp', 'shapes-unet'"),
+        (["model.hiden_dim=3"], "model.hiden_dim: unknown key; did you mean 'hidden_dim'?"),
+        (["data={name: shapes}"], "model 'toy2d-mlp' trains on data 'toy2d', not 'shapes'"),
     ],
 )
 def test_invalid_values_name_the_problem(overrides, fragment):
