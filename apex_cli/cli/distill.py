@@ -26,6 +26,11 @@ def distill(
     ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", "-n", help="Print the resolved recipe and exit.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a finished run in output.dir.")] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the latest checkpoint in output.dir (exactly).")
+    ] = False,
+    resume_from: Annotated[str | None, typer.Option(help="Continue from this checkpoint directory.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Resume even if the recipe changed a result field.")] = False,
 ) -> None:
     """Train a model with a recipe: a teacher by flow matching, or a one-step student by APEX.
 
@@ -41,7 +46,7 @@ def distill(
     from apex_cli.train.loop import run_distillation  # torch is imported here, not at `apex --help`
     from apex_cli.train.tasks import build_task
 
-    result = run_distillation(resolved, overwrite=overwrite, console=stderr)
+    result = run_distillation(resolved, overwrite=overwrite, resume=resume_from or resume, force=force, console=stderr)
     if resolved.output.evaluate:
         stdout.print(build_task(resolved).summary_table(result.metrics))
     stdout.print(f"trained {result.kind} in {result.train_seconds:.1f} s")

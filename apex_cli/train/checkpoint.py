@@ -5,6 +5,7 @@ Layout of a checkpoint directory::
     model.safetensors   the online weights
     ema.safetensors     the EMA weights (when the recipe uses an EMA reference)
     recipe.yaml         the resolved recipe that produced it
+    training_state.pt   optimizer, LR scheduler, EMA warm-up and RNG states (to resume exactly)
     meta.json           {"step", "kind": "teacher" | "student", "apex_version", "schema_version"}
 
 A run directory holds ``config.yaml``, ``checkpoints/step_XXXXXXX/`` and ``final/``.
@@ -19,6 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -45,7 +47,11 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def save_checkpoint(
-    directory: Path, recipe_yaml: str, weights: dict[str, dict[str, Tensor]], meta: dict[str, Any]
+    directory: Path,
+    recipe_yaml: str,
+    weights: dict[str, dict[str, Tensor]],
+    meta: dict[str, Any],
+    training_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write a checkpoint into a temporary sibling folder, fsync it, then rename it to ``directory``.
 
@@ -54,6 +60,7 @@ def save_checkpoint(
         recipe_yaml: The resolved recipe.
         weights: File stem -> state dict, e.g. ``{"model": ..., "ema": ...}``.
         meta: Extra metadata (step, kind).
+        training_state: What resuming needs besides the weights (saved with ``torch.save``).
 
     Returns:
         ``directory``.
@@ -65,6 +72,8 @@ def save_checkpoint(
             save_file(
                 {k: v.detach().contiguous().cpu() for k, v in state.items()}, str(staging / f"{stem}.safetensors")
             )
+        if training_state is not None:
+            torch.save(training_state, staging / "training_state.pt")
         (staging / "recipe.yaml").write_text(recipe_yaml)
         full_meta = {**meta, "apex_version": __version__, "schema_version": SCHEMA_VERSION}
         (staging / "meta.json").write_text(json.dumps(full_meta, indent=2))
@@ -124,3 +133,21 @@ def load_weights(model: nn.Module, directory: Path, stem: str = "model") -> None
     except RuntimeError as err:
         first = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
         raise CheckpointError(f"{directory} does not fit this model: {first}") from None
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint of ``run_dir`` with the highest step (``final/`` included), or None."""
+    candidates = [p for p in (run_dir / "checkpoints").glob("step_*") if (p / "meta.json").is_file()]
+    if (run_dir / FINAL / "meta.json").is_file():
+        candidates.append(run_dir / FINAL)
+    if not candidates:
+        return None
+    return max(candidates, key=lambda p: json.loads((p / "meta.json").read_text())["step"])
+
+
+def load_training_state(directory: Path) -> dict[str, Any]:
+    """The optimizer / scheduler / RNG state of a checkpoint written by a run (not by an export)."""
+    path = directory / "training_state.pt"
+    if not path.is_file():
+        raise CheckpointError(f"{directory} has no training_state.pt, so it cannot be resumed")
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -23,7 +23,16 @@ from apex_cli.config import Recipe, dump_recipe, load_recipe
 from apex_cli.core.objective import ObjectiveModels, ObjectiveSettings, apex_loss
 from apex_cli.core.shift import ConditionShift
 from apex_cli.errors import ApexError, CheckpointError
-from apex_cli.train.checkpoint import FINAL, atomic_write_text, load_weights, read_checkpoint, save_checkpoint
+from apex_cli.train.checkpoint import (
+    FINAL,
+    atomic_write_text,
+    latest_checkpoint,
+    load_training_state,
+    load_weights,
+    read_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from apex_cli.train.ema import EMA
 from apex_cli.train.tasks import build_task
 
@@ -63,11 +72,37 @@ def objective_settings(recipe: Recipe) -> ObjectiveSettings:
     )
 
 
-def run_distillation(recipe: Recipe, *, overwrite: bool = False, console: Console | None = None) -> RunResult:
-    """Train the recipe's model and write checkpoints, metrics and the report into ``output.dir``."""
+RESUMABLE_CHANGES = (
+    "train.steps",
+    "train.checkpoint_every",
+    "hardware.num_threads",
+    "output.evaluate",
+    "output.eval_samples",
+    "description",
+)
+"""Recipe fields that may differ between a checkpoint and the run that resumes it."""
+
+
+def run_distillation(
+    recipe: Recipe,
+    *,
+    overwrite: bool = False,
+    resume: bool | str = False,
+    force: bool = False,
+    console: Console | None = None,
+) -> RunResult:
+    """Train the recipe's model and write checkpoints, metrics and the report into ``output.dir``.
+
+    Args:
+        recipe: The resolved recipe.
+        overwrite: Replace a finished run in ``output.dir``.
+        resume: True: continue from the latest checkpoint of ``output.dir``; a path: from that checkpoint.
+        force: Resume even when the checkpoint's recipe differs in a result-affecting field.
+        console: Where progress goes (stderr by default).
+    """
     console = console or Console(stderr=True)
     run_dir = Path(recipe.output.dir)
-    if (run_dir / FINAL).exists() and not overwrite:
+    if (run_dir / FINAL).exists() and not overwrite and not resume:
         raise ApexError(
             f"{run_dir} already holds a finished run",
             hint="pass --overwrite to replace it, or choose another directory with --set output.dir=PATH",
@@ -96,19 +131,23 @@ def run_distillation(recipe: Recipe, *, overwrite: bool = False, console: Consol
     optimizer = torch.optim.AdamW(trainable, lr=train.lr, betas=train.betas, weight_decay=train.weight_decay)
     warmup = max(train.warmup_steps, 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
-    batches = task.batches(model, train.batch_size, train.seed, device)
+    first_step = 1
+    if resume:
+        first_step = _resume(recipe, run_dir, resume, force, model, ema, optimizer, scheduler, console) + 1
+    batches = task.batches(model, train.batch_size, train.seed, device, first_step - 1)
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16)
         if recipe.hardware.precision == "bf16"
         else contextlib.nullcontext()
     )
     log_path = run_dir / "metrics.jsonl"
-    log_path.unlink(missing_ok=True)
+    if first_step == 1:
+        log_path.unlink(missing_ok=True)
 
     start = time.perf_counter()
     with _progress(console) as progress, log_path.open("a") as log:
-        task_id = progress.add_task(f"{kind} {recipe.name}", total=train.steps, loss="")
-        for step in range(1, train.steps + 1):
+        task_id = progress.add_task(f"{kind} {recipe.name}", total=train.steps, completed=first_step - 1, loss="")
+        for step in range(first_step, train.steps + 1):
             x_data, cond = next(batches)
             with autocast:
                 out = apex_loss(models, x_data, cond, model.unconditional(x_data.shape[0], device), settings, shift)
@@ -129,9 +168,11 @@ def run_distillation(recipe: Recipe, *, overwrite: bool = False, console: Consol
             if not console.is_terminal and step % max(train.steps // 10, 1) == 0:  # no live bar: plain lines
                 console.print(f"{kind} {recipe.name}: step {step}/{train.steps}, {float(out.terms['total']):.4f} loss")
             if train.checkpoint_every and step % train.checkpoint_every == 0 and step < train.steps:
-                _save(run_dir / "checkpoints" / f"step_{step:07d}", recipe_yaml, model, ema, step, kind)
+                state = _training_state(optimizer, scheduler, ema, step)
+                _save(run_dir / "checkpoints" / f"step_{step:07d}", recipe_yaml, model, ema, step, kind, state)
     train_seconds = time.perf_counter() - start
-    checkpoint = _save(run_dir / FINAL, recipe_yaml, model, ema, train.steps, kind)
+    state = _training_state(optimizer, scheduler, ema, train.steps)
+    checkpoint = _save(run_dir / FINAL, recipe_yaml, model, ema, train.steps, kind, state)
 
     metrics: dict[str, Any] = {}
     if recipe.output.evaluate:
@@ -186,11 +227,81 @@ def _load_init(recipe: Recipe, model: nn.Module, console: Console) -> nn.Module 
     return copy.deepcopy(model).requires_grad_(False).eval()
 
 
-def _save(directory: Path, recipe_yaml: str, model: nn.Module, ema: EMA | None, step: int, kind: str) -> Path:
+def _save(
+    directory: Path, recipe_yaml: str, model: nn.Module, ema: EMA | None, step: int, kind: str, state: dict[str, Any]
+) -> Path:
     weights = {"model": model.state_dict()}
     if ema is not None:
         weights["ema"] = ema.model.state_dict()
-    return save_checkpoint(directory, recipe_yaml, weights, {"step": step, "kind": kind})
+    return save_checkpoint(directory, recipe_yaml, weights, {"step": step, "kind": kind}, state)
+
+
+def _training_state(optimizer: torch.optim.Optimizer, scheduler: Any, ema: EMA | None, step: int) -> dict[str, Any]:
+    state = {
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "ema_decay": ema.current_decay if ema is not None else None,
+        "torch_rng": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _resume(
+    recipe: Recipe,
+    run_dir: Path,
+    resume: bool | str,
+    force: bool,
+    model: nn.Module,
+    ema: EMA | None,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    console: Console,
+) -> int:
+    """Load the weights and training state of a checkpoint; return the step it was taken at."""
+    directory = latest_checkpoint(run_dir) if resume is True else resolve_checkpoint(str(resume))
+    if directory is None:
+        raise CheckpointError(f"--resume: {run_dir} has no checkpoint yet", hint="start the run without --resume")
+    _, saved, _ = read_checkpoint(directory)
+    differences = _differences(saved.model_dump(mode="json"), recipe.model_dump(mode="json"))
+    blocking = [d for d in differences if not d.startswith(RESUMABLE_CHANGES)]
+    if blocking and not force:
+        raise CheckpointError(
+            f"{directory} was written by a different recipe: " + "; ".join(blocking),
+            hint="resume with the same recipe, or pass --force to resume anyway",
+        )
+    state = load_training_state(directory)
+    if state["step"] >= recipe.train.steps:
+        raise CheckpointError(
+            f"{directory} is at step {state['step']}, the recipe stops at train.steps={recipe.train.steps}",
+            hint="raise train.steps with --set train.steps=N to train further",
+        )
+    load_weights(model, directory, "model")
+    if ema is not None:
+        load_weights(ema.model, directory, "ema")
+        ema.current_decay = state["ema_decay"]
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    console.print(f"Resuming from {directory} (step {state['step']}).")
+    return int(state["step"])
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted paths whose values differ, as 'path: old -> new'."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        path = f"{prefix}{key}"
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{path}.")
+        elif a != b:
+            out.append(f"{path}: {a!r} -> {b!r}")
+    return out
 
 
 def _device(name: str) -> torch.device:

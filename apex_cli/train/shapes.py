@@ -49,11 +49,17 @@ class ShapesTask:
         )
 
     def batches(
-        self, model: nn.Module, batch_size: int, seed: int, device: torch.device
+        self, model: nn.Module, batch_size: int, seed: int, device: torch.device, skip: int = 0
     ) -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
-        """``(images in [-1, 1] [B, 3, H, W], cached text embeddings)`` from the renderer's stream."""
-        stream = shapes.training_stream(seed, size=self.recipe.data.image_size)  # type: ignore[union-attr]
+        """``(images in [-1, 1] [B, 3, H, W], cached text embeddings)`` from the renderer.
+
+        Batch ``k`` is rendered from its own seed ``(seed, k)``, so a resumed run starts at batch ``skip`` at once.
+        """
+        size = self.recipe.data.image_size  # type: ignore[union-attr]
+        step = skip
         while True:
+            step += 1
+            stream = shapes.training_stream(seed * 1_000_003 + step, size=size)
             pairs = [next(stream) for _ in range(batch_size)]
             x = images_to_tensor(np.stack([image for _, image in pairs])).to(device)
             cond = model.encode_prompts([prompt for prompt, _ in pairs])  # type: ignore[operator]

@@ -23,9 +23,9 @@ class Task(Protocol):
         ...
 
     def batches(
-        self, model: nn.Module, batch_size: int, seed: int, device: torch.device
+        self, model: nn.Module, batch_size: int, seed: int, device: torch.device, skip: int = 0
     ) -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
-        """An endless, seeded stream of ``(x_data, cond)``."""
+        """An endless, seeded stream of ``(x_data, cond)``, starting after ``skip`` batches (for resume)."""
         ...
 
     def report(self, run_dir: Path, student: nn.Module | None, teacher: nn.Module) -> dict[str, Any]:

@@ -53,10 +53,12 @@ class Toy2dTask:
         return Toy2dMLP(self.mixture.num_classes, cfg.hidden_dim, cfg.depth, cfg.embed_dim, cfg.target_time)
 
     def batches(
-        self, model: nn.Module, batch_size: int, seed: int, device: torch.device
+        self, model: nn.Module, batch_size: int, seed: int, device: torch.device, skip: int = 0
     ) -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
-        """An endless, seeded stream of ``(x_data [B, 2], {"labels": [B]})``."""
+        """An endless, seeded stream of ``(x_data [B, 2], {"labels": [B]})``, after ``skip`` batches (resume)."""
         generator = torch.Generator().manual_seed(seed)
+        for _ in range(skip):  # cheap: replaying the draws puts the generator exactly where the run left it
+            self.mixture.sample(batch_size, generator)
         while True:
             points, labels = self.mixture.sample(batch_size, generator)
             yield points.to(device), {"labels": labels.to(device)}
