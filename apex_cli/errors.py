@@ -4,6 +4,8 @@
 class ApexError(Exception):
     """Base class for user-fixable errors; ``hint`` says what to do next."""
 
+    exit_code = 1
+
     def __init__(self, message: str, *, hint: str | None = None) -> None:
         super().__init__(message)
         self.hint = hint
@@ -19,3 +21,9 @@ class CheckpointError(ApexError):
 
 class DataError(ApexError):
     """Input data (prompts, images, folders) is missing or malformed."""
+
+
+class RunInterruptedError(ApexError):
+    """SIGINT or SIGTERM stopped a run after it saved a checkpoint; the CLI exits with 130."""
+
+    exit_code = 130

@@ -20,7 +20,7 @@ R = TypeVar("R")
 
 
 def user_errors(command: Callable[P, R]) -> Callable[P, R]:
-    """Turn an ApexError into one red line plus a hint and exit code 1 (``APEX_DEBUG=1`` re-raises)."""
+    """Turn an ApexError into one red line plus a hint and its exit code, 1 (``APEX_DEBUG=1`` re-raises)."""
 
     @functools.wraps(command)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -32,7 +32,7 @@ def user_errors(command: Callable[P, R]) -> Callable[P, R]:
             stderr.print(f"[bold red]Error:[/] {err}", highlight=False, soft_wrap=True)
             if err.hint:
                 stderr.print(f"[dim]Hint: {err.hint}[/]", highlight=False, soft_wrap=True)
-            raise typer.Exit(code=1) from None
+            raise typer.Exit(code=err.exit_code) from None
         except KeyboardInterrupt:
             stderr.print("[yellow]Interrupted.[/]")
             raise typer.Exit(code=130) from None

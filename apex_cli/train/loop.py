@@ -9,7 +9,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,7 @@ from torch import nn
 from apex_cli.config import Recipe, dump_recipe, load_recipe
 from apex_cli.core.objective import ObjectiveModels, ObjectiveSettings, apex_loss
 from apex_cli.core.shift import ConditionShift
-from apex_cli.errors import ApexError, CheckpointError
+from apex_cli.errors import ApexError, CheckpointError, RunInterruptedError
 from apex_cli.train.checkpoint import (
     FINAL,
     atomic_write_text,
@@ -145,7 +148,7 @@ def run_distillation(
         log_path.unlink(missing_ok=True)
 
     start = time.perf_counter()
-    with _progress(console) as progress, log_path.open("a") as log:
+    with _progress(console) as progress, log_path.open("a") as log, _stop_signals() as stop:
         task_id = progress.add_task(f"{kind} {recipe.name}", total=train.steps, completed=first_step - 1, loss="")
         for step in range(first_step, train.steps + 1):
             x_data, cond = next(batches)
@@ -167,6 +170,13 @@ def run_distillation(
             progress.advance(task_id)
             if not console.is_terminal and step % max(train.steps // 10, 1) == 0:  # no live bar: plain lines
                 console.print(f"{kind} {recipe.name}: step {step}/{train.steps}, {float(out.terms['total']):.4f} loss")
+            if stop.signal is not None and step < train.steps:  # SIGINT / SIGTERM: save, then stop
+                state = _training_state(optimizer, scheduler, ema, step)
+                saved = _save(run_dir / "checkpoints" / f"step_{step:07d}", recipe_yaml, model, ema, step, kind, state)
+                raise RunInterruptedError(
+                    f"stopped by {signal.Signals(stop.signal).name} after step {step}; checkpoint saved to {saved}",
+                    hint="run the same command with --resume to continue exactly from there",
+                )
             if train.checkpoint_every and step % train.checkpoint_every == 0 and step < train.steps:
                 state = _training_state(optimizer, scheduler, ema, step)
                 _save(run_dir / "checkpoints" / f"step_{step:07d}", recipe_yaml, model, ema, step, kind, state)
@@ -302,6 +312,33 @@ def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
         elif a != b:
             out.append(f"{path}: {a!r} -> {b!r}")
     return out
+
+
+class _StopRequest:
+    """Remembers the first SIGINT / SIGTERM instead of dying mid-step."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def __call__(self, signum: int, _frame: object) -> None:
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # asked twice: stop now, keep the last periodic checkpoint
+        self.signal = signum
+
+
+@contextlib.contextmanager
+def _stop_signals() -> Iterator[_StopRequest]:
+    """While training, SIGINT and SIGTERM finish the current step; a second SIGINT stops at once."""
+    request = _StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+    previous = {sig: signal.signal(sig, request) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield request
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _device(name: str) -> torch.device:

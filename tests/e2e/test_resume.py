@@ -56,3 +56,31 @@ def test_resume_without_a_checkpoint_or_past_the_end(teacher, tmp_path):
     run_distillation(_student(teacher, tmp_path / "done", 20))
     with pytest.raises(CheckpointError, match=r"is at step 20, the recipe stops at train\.steps=20"):
         run_distillation(_student(teacher, tmp_path / "done", 20), resume=True)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_130(teacher, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = ["--recipe", "toy2d-apex", "--set", f"model.init={teacher}", "--set", "train.steps=100000"]
+    args += [item for pair in zip(["--set"] * len(TINY), TINY, strict=True) for item in pair]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "apex_cli", "distill", *args, "--set", f"output.dir={tmp_path / 'run'}"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    log = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 60
+    while not (log.is_file() and log.stat().st_size > 0) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "stopped by SIGTERM after step" in stderr and "--resume" in stderr
+    checkpoints = list((tmp_path / "run" / "checkpoints").glob("step_*"))
+    assert len(checkpoints) == 1 and (checkpoints[0] / "training_state.pt").is_file()
