@@ -148,7 +148,7 @@ def run_distillation(
         log_path.unlink(missing_ok=True)
 
     start = time.perf_counter()
-    with _progress(console) as progress, log_path.open("a") as log, _stop_signals() as stop:
+    with _progress(console) as progress, log_path.open("a", buffering=1) as log, _stop_signals() as stop:
         task_id = progress.add_task(f"{kind} {recipe.name}", total=train.steps, completed=first_step - 1, loss="")
         for step in range(first_step, train.steps + 1):
             x_data, cond = next(batches)
