@@ -29,7 +29,8 @@ def user_errors(command: Callable[P, R]) -> Callable[P, R]:
         except ApexError as err:
             if os.environ.get("APEX_DEBUG"):
                 raise
-            stderr.print(f"[bold red]Error:[/] {err}", highlight=False, soft_wrap=True)
+            label = "[bold yellow]Stopped:[/]" if err.exit_code == 130 else "[bold red]Error:[/]"
+            stderr.print(f"{label} {err}", highlight=False, soft_wrap=True)
             if err.hint:
                 stderr.print(f"[dim]Hint: {err.hint}[/]", highlight=False, soft_wrap=True)
             raise typer.Exit(code=err.exit_code) from None
