@@ -199,6 +199,7 @@ def _generate_for_geneval(
     from apex_cli.eval.generate import generate_fn
     from apex_cli.eval.geneval import generate_images
     from apex_cli.train.checkpoint import resolve_checkpoint
+    from apex_cli.train.sampling import checkpoint_sampler
     from apex_cli.train.tasks import load_checkpoint_model
 
     model, recipe, meta = load_checkpoint_model(ckpt)  # type: ignore[arg-type]
@@ -211,7 +212,7 @@ def _generate_for_geneval(
     base = out or resolve_checkpoint(ckpt) / "geneval"  # type: ignore[arg-type]
     folders = {}
     for steps in _parse_nfe(nfe) if nfe else [recipe.sampler.nfe]:
-        settings = _sampler_for(recipe, meta, steps)
+        settings = checkpoint_sampler(recipe, meta, steps)
         folder = base / f"{prompts if prompts.startswith('shapes') else Path(prompts).stem}-nfe{steps}"
         with _progress() as progress:
             update = _tracker(progress, f"generating NFE {steps}")
@@ -230,6 +231,7 @@ def _generate_for_fid(ckpt: Path, nfe: int | None, n_images: int, out: Path | No
     from apex_cli.data import shapes
     from apex_cli.eval.generate import generate
     from apex_cli.train.checkpoint import resolve_checkpoint
+    from apex_cli.train.sampling import checkpoint_sampler
     from apex_cli.train.tasks import load_checkpoint_model
 
     model, recipe, meta = load_checkpoint_model(ckpt)
@@ -240,7 +242,7 @@ def _generate_for_fid(ckpt: Path, nfe: int | None, n_images: int, out: Path | No
     folder.mkdir(parents=True, exist_ok=True)
     stream = shapes.training_stream(1, size=model.image_size)  # type: ignore[arg-type]
     prompts = [next(stream)[0] for _ in range(n_images)]
-    settings = _sampler_for(recipe, meta, steps)
+    settings = checkpoint_sampler(recipe, meta, steps)
     with _progress() as progress:
         task = progress.add_task(f"generating NFE {steps}", total=n_images)
         for start in range(0, n_images, 50):
@@ -253,18 +255,6 @@ def _generate_for_fid(ckpt: Path, nfe: int | None, n_images: int, out: Path | No
                     tmp.replace(folder / f"{k:06d}.png")
             progress.update(task, completed=min(start + 50, n_images))
     return folder
-
-
-def _sampler_for(recipe, meta, nfe: int):  # type: ignore[no-untyped-def]
-    """Teachers sample with Euler (mul) steps; students with their recipe's sampler at the given NFE."""
-    from apex_cli.core.sampler import SamplerSettings
-    from apex_cli.train.toy2d import sampler_settings
-
-    if meta.get("kind") == "teacher":
-        return SamplerSettings(
-            style="mul", nfe=nfe, gap=(0.0, 0.0), stochastic_ratio=0.0, guidance=recipe.sampler.guidance
-        )
-    return sampler_settings(recipe.sampler, nfe)
 
 
 def _nfe_table(summaries: dict, title: str) -> Table:

@@ -22,7 +22,7 @@ from apex_cli.eval.generate import generate, generate_fn
 from apex_cli.eval.geneval import generate_images, score_folder, summarize
 from apex_cli.models.shapes import ShapesModel, images_to_tensor
 from apex_cli.train.checkpoint import atomic_write_text
-from apex_cli.train.toy2d import TEACHER_MULTI_STEP, TEACHER_ONE_STEP, sampler_settings
+from apex_cli.train.sampling import TEACHER_MULTI_STEP, TEACHER_ONE_STEP, sampler_settings
 
 SHORT_TASK_NAMES = {"single_object": "single", "two_object": "two", "counting": "count", "color_attr": "attr"}
 REPORT_SEED = 0

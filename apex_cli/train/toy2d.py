@@ -12,30 +12,15 @@ import torch
 from rich.table import Table
 from torch import Tensor, nn
 
-from apex_cli.config import Recipe, SamplerConfig
+from apex_cli.config import Recipe
 from apex_cli.core.sampler import SamplerSettings, sample
 from apex_cli.data.toy2d import Toy2dMixture
 from apex_cli.eval.energy import energy_distance
 from apex_cli.models.toy2d import Toy2dMLP
 from apex_cli.train.checkpoint import atomic_write_text
+from apex_cli.train.sampling import TEACHER_MULTI_STEP, TEACHER_ONE_STEP, sampler_settings
 
 EVAL_SEED = 20260422  # fixed, so every run of a recipe is measured on the same reference samples
-TEACHER_MULTI_STEP = SamplerSettings(style="mul", nfe=50, gap=(0.0, 0.0))
-TEACHER_ONE_STEP = SamplerSettings(style="mul", nfe=1, gap=(0.0, 0.0))
-FEW_STEP_GAPS = {1: (0.001, 0.0), 2: (0.001, 0.6), 4: (0.001, 0.5)}  # method.md section 6
-
-
-def sampler_settings(config: SamplerConfig, nfe: int | None = None) -> SamplerSettings:
-    """Recipe sampler section -> core settings, optionally at another NFE (few style: the documented gaps)."""
-    gap = config.gap if nfe is None or nfe == config.nfe else FEW_STEP_GAPS.get(nfe, config.gap)
-    return SamplerSettings(
-        style=config.style,
-        nfe=nfe or config.nfe,
-        gap=gap,
-        kumaraswamy=config.kumaraswamy,
-        stochastic_ratio=config.stochastic_ratio,
-        guidance=config.guidance,
-    )
 
 
 @dataclass

@@ -22,9 +22,11 @@ def test_help_lists_the_commands_and_each_shows_an_example(runner):
     result = invoke(runner, "--help")
     assert result.exit_code == 0
     assert "distill" in result.stdout and "recipes" in result.stdout
-    for command in (["distill"], ["recipes", "list"], ["recipes", "show"]):
+    assert "eval" in result.stdout
+    for command in (["distill"], ["recipes", "list"], ["recipes", "show"], ["eval", "geneval"], ["eval", "fid"]):
         help_text = invoke(runner, *command, "--help").stdout
-        assert "apex " + " ".join(command) in help_text, command
+        example = help_text[help_text.index("Example") :]  # the usage line alone must not satisfy this
+        assert "apex " + " ".join(command) + " " in example, command
 
 
 def test_recipes_list_and_show(runner):
