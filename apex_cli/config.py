@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from apex_cli.core.shift import SHIFT_NAMES
 from apex_cli.errors import RecipeError
@@ -42,6 +42,45 @@ class Toy2dModelConfig(_Section):
     )
 
 
+LORA_TARGET_MODULES = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "conv1",
+    "conv2",
+    "conv_shortcut",
+    "downsamplers.0.conv",
+    "upsamplers.0.conv",
+    "time_emb_proj",
+)
+"""Default LoRA targets of the shapes UNet: the module list of diffusers' LCM-LoRA distillation script.
+
+Attention projections alone (``to_q``, ``to_k``, ``to_v``, ``to_out.0``) are the usual choice for style fine-tuning,
+but a one-step student must change what every block computes, and the first level of the shapes UNet has no
+attention at all: so the transformer's ``proj_in`` / ``proj_out`` / feed-forward, every ResNet's convolutions and
+its ``time_emb_proj`` (where the (t, r) embedding enters each block), and the down / up samplers get adapters too.
+"""
+
+
+class LoraConfig(_Section):
+    """Low-rank adapters (peft LoRA) on the frozen ``model.init``; the E4a target-time embedder trains in full."""
+
+    rank: int = Field(8, ge=1, description="rank of every adapter (the update is (alpha / rank) B A)")
+    alpha: float | None = Field(None, gt=0, description="LoRA alpha; null = rank (update scale 1)")
+    target_modules: tuple[str, ...] = Field(
+        LORA_TARGET_MODULES,
+        min_length=1,
+        description="module names (or dotted suffixes) of the UNet that get adapters; default: attention, "
+        "feed-forward, ResNet convolutions and time projections, samplers (the LCM-LoRA list)",
+    )
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapters' input")
+
+
 class ShapesModelConfig(_Section):
     """The built-in text-to-image model of the shapes world: a small pixel-space UNet with cross-attention."""
 
@@ -55,6 +94,19 @@ class ShapesModelConfig(_Section):
     norm_num_groups: int = Field(16, ge=1)
     text_seed: int = Field(0, description="seed of the frozen random text encoder")
     target_time: Literal["embedder"] = Field("embedder", description="E4a: a second time embedder for r")
+    lora: LoraConfig | None = Field(
+        None, description="train LoRA adapters on the frozen model.init instead of all weights; null = full"
+    )
+
+    @field_validator("lora")
+    @classmethod
+    def _lora_needs_init(cls, lora: LoraConfig | None, info: ValidationInfo) -> LoraConfig | None:
+        if lora is not None and info.data.get("init") is None:
+            raise ValueError(
+                "LoRA adapts a trained base model, so it needs model.init; set model.init to a teacher "
+                "(a run or checkpoint directory, or shipped:<name>) or remove model.lora for full training"
+            )
+        return lora
 
 
 class ShapesDataConfig(_Section):
@@ -180,7 +232,11 @@ class HardwareConfig(_Section):
     """Where and how the run executes (one process in this release)."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 = autocast around the forward passes")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "fp32",
+        description="bf16 = autocast around the forward passes; auto = bf16 where the device computes it natively"
+        " (a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX), else fp32",
+    )
     num_threads: int | None = Field(None, ge=1, description="CPU threads; null = torch's default")
 
 

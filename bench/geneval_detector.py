@@ -89,7 +89,9 @@ def geneval_scores(images_per_prompt: int) -> dict:
         for name, generate in generators.items():
             outdir = Path(tmp) / name
             start = time.perf_counter()
-            geneval.generate_images(suite, outdir, generate, images_per_prompt=images_per_prompt)
+            geneval.generate_images(
+                suite, outdir, geneval.one_prompt_at_a_time(generate), images_per_prompt=images_per_prompt
+            )
             rows = geneval.score_folder(outdir, ShapesDetector())
             summary = geneval.summarize(rows)
             results[name] = {

@@ -40,7 +40,7 @@ from apex_cli.core.sampler import SamplerSettings
 from apex_cli.data import shapes
 from apex_cli.eval.detectors import ShapesDetector
 from apex_cli.eval.generate import generate
-from apex_cli.eval.geneval import generate_images, prompt_seed, score_folder, summarize
+from apex_cli.eval.geneval import generate_images, one_prompt_at_a_time, prompt_seed, score_folder, summarize
 from apex_cli.models.shapes import ShapesModel, images_to_tensor, parameter_count
 
 ROOT = Path(__file__).resolve().parent
@@ -256,7 +256,7 @@ def geneval_quick(
     def lookup(prompt: str, seeds: list[int]) -> list[np.ndarray]:
         return [images[(prompt, s)] for s in seeds]
 
-    generate_images(rows, folder, lookup, IMAGES_PER_PROMPT, seed=0)
+    generate_images(rows, folder, one_prompt_at_a_time(lookup), IMAGES_PER_PROMPT, seed=0)
     summary = summarize(score_folder(folder, ShapesDetector()))
     return {
         "overall": round(summary["overall"], 4),

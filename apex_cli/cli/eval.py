@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -61,6 +62,11 @@ def geneval(
     seed: Annotated[int, typer.Option(help="With --ckpt: base seed (per-prompt seeds are recorded).")] = 0,
     shard: Annotated[str, typer.Option(help="With --ckpt: generate only shard i of n, as i/n (0-based).")] = "0/1",
     out: Annotated[Path | None, typer.Option(help="With --ckpt: output folder (default: <run>/geneval).")] = None,
+    guidance: Annotated[
+        float | None,
+        typer.Option(help="With --ckpt: classifier-free guidance g of F_c + g (F_c - F_u) (default: the recipe's)."),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="With --ckpt: images generated per forward batch.")] = 256,
     detector: Annotated[
         Literal["shapes", "mmdet"],
         typer.Option(help="shapes: exact, offline, for the built-in shapes world; mmdet: the official GenEval one."),
@@ -88,7 +94,7 @@ def geneval(
     if images is not None:
         folders = {"images": images}
     else:
-        folders = _generate_for_geneval(ckpt, nfe, prompts, n, seed, shard, out)  # type: ignore[arg-type]
+        folders = _generate_for_geneval(ckpt, nfe, prompts, n, seed, shard, out, guidance, batch_size)  # type: ignore[arg-type]
     summaries = {}
     for name, folder in folders.items():
         outfile = results if results and len(folders) == 1 else folder / "results.jsonl"
@@ -193,7 +199,15 @@ def _load_prompts(prompts: str) -> list[dict]:
 
 
 def _generate_for_geneval(
-    ckpt: Path | None, nfe: str | None, prompts: str, n: int, seed: int, shard: str, out: Path | None
+    ckpt: Path | None,
+    nfe: str | None,
+    prompts: str,
+    n: int,
+    seed: int,
+    shard: str,
+    out: Path | None,
+    guidance: float | None = None,
+    batch_size: int = 256,
 ) -> dict[str, Path]:
     """Generate the GenEval folders of a checkpoint, one per NFE; returns NFE label -> folder."""
     from apex_cli.eval.generate import generate_fn
@@ -213,10 +227,15 @@ def _generate_for_geneval(
     folders = {}
     for steps in _parse_nfe(nfe) if nfe else [recipe.sampler.nfe]:
         settings = checkpoint_sampler(recipe, meta, steps)
-        folder = base / f"{prompts if prompts.startswith('shapes') else Path(prompts).stem}-nfe{steps}"
+        suffix = ""
+        if guidance is not None:
+            settings, suffix = dataclasses.replace(settings, guidance=guidance), f"-g{guidance:g}"
+        folder = base / f"{prompts if prompts.startswith('shapes') else Path(prompts).stem}-nfe{steps}{suffix}"
         with _progress() as progress:
             update = _tracker(progress, f"generating NFE {steps}")
-            generate_images(rows, folder, generate_fn(model, settings), n, seed, shard_spec, progress=update)
+            generate_images(
+                rows, folder, generate_fn(model, settings), n, seed, shard_spec, progress=update, batch_size=batch_size
+            )
         folders[f"NFE {steps}"] = folder
     return folders
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -90,7 +91,7 @@ def sample(
     cond: Condition,
     settings: SamplerSettings,
     uncond: Condition | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> Tensor:
     """Integrate from ``noise`` (t = 1) to data (t = 0) in ``settings.nfe`` network evaluations.
 
@@ -100,7 +101,8 @@ def sample(
         cond: Conditions, batch ``B``.
         settings: Style, NFE, grid and guidance.
         uncond: Unconditional condition, batch ``B`` (needed when ``guidance != 0``).
-        generator: Seeds the re-noising ``eps`` of the ``few`` style.
+        generator: Seeds the re-noising ``eps`` of the ``few`` style: one generator for the batch, or one (CPU)
+            generator per sample, so that a sample does not depend on the batch it was drawn in.
 
     Returns:
         Samples ``[B, ...]``.
@@ -118,7 +120,15 @@ def sample(
         z_hat = predict_noise(x, velocity, ones * t_cur)
         renoise = z_hat
         if s > 0 and t_next > 0:
-            eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            eps = _noise_like(x, generator)
             renoise = math.sqrt(1 - s) * z_hat + math.sqrt(s) * eps
         x = (1 - t_next) * x_hat + t_next * renoise
     return x
+
+
+def _noise_like(x: Tensor, generator: torch.Generator | Sequence[torch.Generator] | None) -> Tensor:
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    if len(generator) != x.shape[0]:
+        raise ValueError(f"got {len(generator)} generators for a batch of {x.shape[0]}")
+    return torch.stack([torch.randn(x.shape[1:], generator=g) for g in generator]).to(x)

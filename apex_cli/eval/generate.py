@@ -21,21 +21,22 @@ def seeded_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> torch.Tensor:
 def generate(model: nn.Module, prompts: Sequence[str], seeds: Sequence[int], settings: SamplerSettings) -> np.ndarray:
     """Images ``[B, H, W, 3]`` uint8 for ``prompts[i]`` from noise seeded by ``seeds[i]``.
 
-    The few-style re-noising is seeded by the first seed, so a batch is reproducible.
+    Image ``i`` depends on its prompt and seed only, never on the batch: its starting noise is the first draw of a
+    generator seeded by ``seeds[i]``, and the few-style re-noising continues drawing from that same generator.
     """
     device = next(model.parameters()).device
     size = model.image_size  # type: ignore[attr-defined]
-    noise = seeded_noise(seeds, (3, size, size)).to(device)
+    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    noise = torch.stack([torch.randn((3, size, size), generator=g) for g in generators]).to(device)
     cond = model.encode_prompts(list(prompts))  # type: ignore[operator]
     uncond = model.unconditional(len(prompts), device) if settings.guidance else None  # type: ignore[operator]
-    generator = torch.Generator(device=device).manual_seed(int(seeds[0]) + 1)
-    return tensor_to_images(sample(model, noise, cond, settings, uncond=uncond, generator=generator))  # type: ignore[arg-type]
+    return tensor_to_images(sample(model, noise, cond, settings, uncond=uncond, generator=generators))  # type: ignore[arg-type]
 
 
-def generate_fn(model: nn.Module, settings: SamplerSettings) -> Callable[[str, list[int]], list[np.ndarray]]:
-    """``(prompt, seeds) -> images`` for ``apex_cli.eval.geneval.generate_images``."""
+def generate_fn(model: nn.Module, settings: SamplerSettings) -> Callable[[list[str], list[int]], np.ndarray]:
+    """``(prompts, seeds) -> images`` for ``apex_cli.eval.geneval.generate_images``."""
 
-    def run(prompt: str, seeds: list[int]) -> list[np.ndarray]:
-        return list(generate(model, [prompt] * len(seeds), seeds, settings))
+    def run(prompts: list[str], seeds: list[int]) -> np.ndarray:
+        return generate(model, prompts, seeds, settings)
 
     return run

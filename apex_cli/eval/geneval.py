@@ -15,6 +15,7 @@ Summary: per-task accuracy over images, and the overall score = the unweighted m
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -237,11 +238,12 @@ class GenerationReport:
 def generate_images(
     rows: Sequence[dict[str, Any]],
     outdir: str | os.PathLike[str],
-    generate_fn: Callable[[str, list[int]], Sequence[np.ndarray]],
+    generate_fn: Callable[[list[str], list[int]], Sequence[np.ndarray]],
     images_per_prompt: int = 4,
     seed: int = 0,
     shard: tuple[int, int] = (0, 1),
     progress: Callable[[int, int], None] | None = None,
+    batch_size: int = 1,
 ) -> GenerationReport:
     """Generate GenEval image folders, resumably.
 
@@ -259,11 +261,13 @@ def generate_images(
     Args:
         rows: Metadata rows (``read_suite`` / ``prompt_suite``); a row's index is its position here.
         outdir: Output folder.
-        generate_fn: ``(prompt, seeds) -> images``, one ``(H, W, 3)`` uint8 array per seed.
+        generate_fn: ``(prompts, seeds) -> images``: one ``(H, W, 3)`` uint8 array for each ``(prompts[i], seeds[i])``;
+            an image must depend on its prompt and seed only, not on the rest of the batch.
         images_per_prompt: Images a prompt (GenEval uses 4).
         seed: Run seed.
         shard: ``(i, n)``: this process handles the prompts with ``index % n == i``.
-        progress: Called with ``(prompts done, prompts in this shard)`` after each prompt.
+        progress: Called with ``(prompts done, prompts in this shard)`` after each batch.
+        batch_size: Images per ``generate_fn`` call: whole prompts are batched together (at least one a call).
 
     Returns:
         Which prompt indices were generated and which were skipped as complete.
@@ -276,40 +280,67 @@ def generate_images(
     outdir = Path(outdir)
     indices = range(shard_index, len(rows), shard_count)
     report = GenerationReport()
-    for done, index in enumerate(indices, start=1):
+    pending: list[tuple[int, Path, dict[str, Any], list[int]]] = []
+    for index in indices:
         folder = outdir / f"{index:05d}"
         base_seed = prompt_seed(seed, index)
         metadata = _expected_metadata(rows[index], base_seed)
         if _is_complete(folder, metadata, images_per_prompt):
             report.skipped.append(index)
         else:
-            _generate_prompt(folder, metadata, generate_fn, [base_seed + k for k in range(images_per_prompt)])
-            report.generated.append(index)
+            pending.append((index, folder, metadata, [base_seed + k for k in range(images_per_prompt)]))
+    if progress is not None and report.skipped:
+        progress(len(report.skipped), len(indices))
+    per_call = max(1, batch_size // images_per_prompt)
+    for start in range(0, len(pending), per_call):
+        group = pending[start : start + per_call]
+        _generate_prompts(group, generate_fn)
+        report.generated.extend(index for index, *_ in group)
         if progress is not None:
-            progress(done, len(indices))
+            progress(len(report.skipped) + len(report.generated), len(indices))
     return report
 
 
-def _generate_prompt(
-    folder: Path,
-    metadata: dict[str, Any],
-    generate_fn: Callable[[str, list[int]], Sequence[np.ndarray]],
-    seeds: list[int],
+def one_prompt_at_a_time(
+    fn: Callable[[str, list[int]], Sequence[np.ndarray]],
+) -> Callable[[list[str], list[int]], list[np.ndarray]]:
+    """Adapt a ``(prompt, seeds) -> images`` generator to the batched ``(prompts, seeds)`` form, a prompt a call."""
+
+    def run(prompts: list[str], seeds: list[int]) -> list[np.ndarray]:
+        images: list[np.ndarray] = []
+        for prompt, group in itertools.groupby(zip(prompts, seeds, strict=True), key=lambda pair: pair[0]):
+            images.extend(fn(prompt, [s for _, s in group]))
+        return images
+
+    return run
+
+
+def _generate_prompts(
+    group: list[tuple[int, Path, dict[str, Any], list[int]]],
+    generate_fn: Callable[[list[str], list[int]], Sequence[np.ndarray]],
 ) -> None:
-    (folder / "metadata.jsonl").unlink(missing_ok=True)
-    samples = folder / "samples"
-    if samples.is_dir():
-        shutil.rmtree(samples)
-    samples.mkdir(parents=True)
-    images = list(generate_fn(metadata["prompt"], seeds))
-    if len(images) != len(seeds):
-        raise ValueError(f"generate_fn returned {len(images)} images for {len(seeds)} seeds")
-    for k, image in enumerate(images):
-        image = np.asarray(image)
-        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(f"generate_fn must return (H, W, 3) uint8 arrays, got {image.dtype} {image.shape}")
-        _atomic_write(samples / f"{k:04d}.png", lambda tmp, im=image: Image.fromarray(im).save(tmp, format="PNG"))
-    _write_text(folder / "metadata.jsonl", json.dumps(metadata))
+    """Generate the images of several prompts in one call and write each prompt's folder, metadata last."""
+    prompts = [metadata["prompt"] for _, _, metadata, seeds in group for _ in seeds]
+    all_seeds = [s for *_, seeds in group for s in seeds]
+    for _, folder, _, _ in group:
+        (folder / "metadata.jsonl").unlink(missing_ok=True)
+        samples = folder / "samples"
+        if samples.is_dir():
+            shutil.rmtree(samples)
+        samples.mkdir(parents=True)
+    images = list(generate_fn(prompts, all_seeds))
+    if len(images) != len(all_seeds):
+        raise ValueError(f"generate_fn returned {len(images)} images for {len(all_seeds)} seeds")
+    position = 0
+    for _, folder, metadata, seeds in group:
+        for k in range(len(seeds)):
+            image = np.asarray(images[position])
+            position += 1
+            if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+                raise ValueError(f"generate_fn must return (H, W, 3) uint8 arrays, got {image.dtype} {image.shape}")
+            target = folder / "samples" / f"{k:04d}.png"
+            _atomic_write(target, lambda tmp, im=image: Image.fromarray(im).save(tmp, format="PNG"))
+        _write_text(folder / "metadata.jsonl", json.dumps(metadata))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -22,6 +22,10 @@ time embedding is ``emb = Emb1(1000 t) + class_embedding(time_proj(class_labels)
 UNet call by a forward pre-hook), giving ``emb = Emb1(t) + (t - r) Emb2(r)``. At ``r = t`` the second term is
 exactly zero, so a teacher trained with ``r = t`` never sees it, and ``init_target_time_embedder`` copies
 ``time_embedding`` into ``class_embedding`` (``Emb2 := Emb1``) for the student.
+
+LoRA (``add_lora``): peft adapters are injected into the UNet with diffusers' ``add_adapter``; the base weights are
+frozen and only the adapters and the target-time embedder ``class_embedding`` train (method.md section 3, [ours]).
+peft zero-initialises every ``lora_B``, so a freshly wrapped student is still exactly the teacher at ``r = t``.
 """
 
 from __future__ import annotations
@@ -319,6 +323,7 @@ class ShapesModel(nn.Module):
             )
         self.unet = unet
         self._text = _TextStack(tokenizer, _freeze(text_encoder), max_length)
+        self._lora_keys: tuple[str, ...] | None = None  # state-dict keys that train under LoRA (add_lora)
         _TargetTimeHooks.install(unet)
 
     # --- construction and files ---
@@ -455,8 +460,89 @@ class ShapesModel(nn.Module):
         return next(self.unet.parameters()).device
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """The denoiser's parameters (the text encoder is frozen and not part of the module)."""
+        """The denoiser's parameters that train: all of them, or after :meth:`add_lora` the adapters and embedder."""
         return [p for p in self.unet.parameters() if p.requires_grad]
+
+    # --- LoRA ---
+
+    @property
+    def has_lora(self) -> bool:
+        """Whether :meth:`add_lora` has wrapped the UNet."""
+        return self._lora_keys is not None
+
+    def add_lora(
+        self, rank: int, alpha: float | None = None, target_modules: Sequence[str] = (), dropout: float = 0.0
+    ) -> None:
+        """Freeze the UNet and inject peft LoRA adapters into ``target_modules``; ``class_embedding`` stays trainable.
+
+        Call it after the base weights are loaded and :meth:`init_target_time_embedder` has run. Each targeted layer
+        ``W`` becomes ``W + (alpha / rank) B A`` with ``B = 0`` at first, so the output is unchanged.
+
+        Args:
+            rank: Rank of every adapter.
+            alpha: LoRA alpha (None = ``rank``).
+            target_modules: Module names or dotted suffixes, e.g. ``"to_q"`` or ``"downsamplers.0.conv"``.
+            dropout: Dropout on the adapters' input (training mode only).
+
+        Raises:
+            ValueError: The model already has adapters, or a target matches no module of the UNet.
+        """
+        from peft import LoraConfig
+
+        if self.has_lora:
+            raise ValueError("the model already has LoRA adapters")
+        names = [name for name, _ in self.unet.named_modules()]
+        unmatched = [t for t in target_modules if not any(n == t or n.endswith(f".{t}") for n in names)]
+        if unmatched or not target_modules:
+            raise ValueError(
+                f"LoRA targets {unmatched or list(target_modules)} match no module of the shapes UNet; "
+                "use names such as to_q, to_k, to_v, to_out.0, conv1, conv2, time_emb_proj"
+            )
+        self.unet.requires_grad_(False)
+        config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=list(target_modules), lora_dropout=dropout)
+        self.unet.add_adapter(config)  # peft: inject_adapter_in_model, only the adapters require grad
+        self.unet.class_embedding.requires_grad_(True)
+        self._lora_keys = tuple(name for name, p in self.named_parameters() if p.requires_grad)
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        """The weights a checkpoint of this model must hold: after :meth:`add_lora` only the adapters and the
+        target-time embedder (the keys that train, also on a frozen copy such as the EMA); else the whole state dict.
+        """
+        state = self.state_dict()
+        return state if self._lora_keys is None else {key: state[key] for key in self._lora_keys}
+
+    def load_trainable_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Load what :meth:`trainable_state_dict` returned, strictly on its keys and shapes.
+
+        Raises:
+            CheckpointError: A key is missing or unexpected, or a shape differs.
+        """
+        expected = self.trainable_state_dict()
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise CheckpointError(
+                f"the weights do not fit this model: {len(missing)} missing (e.g. {missing[:1]}), "
+                f"{len(unexpected)} unexpected (e.g. {unexpected[:1]})"
+            )
+        wrong = [k for k, v in state.items() if v.shape != expected[k].shape]
+        if wrong:
+            raise CheckpointError(
+                f"the weights do not fit this model: {wrong[0]} is {tuple(state[wrong[0]].shape)}, "
+                f"expected {tuple(expected[wrong[0]].shape)}"
+            )
+        self.load_state_dict(state, strict=False)
+
+    def merge_lora(self) -> None:
+        """Fold the adapters into the base weights (``W <- W + (alpha / rank) B A``), drop them and unfreeze the UNet.
+
+        Used when a LoRA checkpoint is the starting point of another run.
+        """
+        if not self.has_lora:
+            raise ValueError("the model has no LoRA adapters to merge")
+        self.unet.fuse_lora()
+        self.unet.unload_lora()
+        self.unet.requires_grad_(True)
+        self._lora_keys = None
 
     # --- conditions ---
 

@@ -9,10 +9,16 @@ Layout of a checkpoint directory::
     meta.json           {"step", "kind": "teacher" | "student", "apex_version", "schema_version"}
 
 A run directory holds ``config.yaml``, ``checkpoints/step_XXXXXXX/`` and ``final/``.
+
+A LoRA run (``model.lora``) writes adapter checkpoints: the weight files hold only the trained tensors (the LoRA
+``A`` / ``B`` matrices and the target-time embedder ``class_embedding``), and ``meta.json`` adds
+``"adapters": true``, ``"base"`` (the recipe's ``model.init``) and ``"base_sha256"`` (of the base weights file).
+:func:`load_checkpoint_weights` rebuilds such a model from its base.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -29,6 +35,29 @@ from apex_cli.config import SCHEMA_VERSION, Recipe, parse_yaml, validate_recipe
 from apex_cli.errors import CheckpointError
 
 FINAL = "final"
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "weights"
+"""Checkpoints shipped inside the package (``apex_cli/weights/<name>/``), addressed by ``shipped:<name>``."""
+SHIPPED_PREFIX = "shipped:"
+
+
+def shipped_checkpoints() -> list[str]:
+    """Names of the checkpoints shipped with apex, e.g. ``["shapes-teacher"]``."""
+    return sorted(p.name for p in SHIPPED_DIR.iterdir() if (p / "meta.json").is_file()) if SHIPPED_DIR.is_dir() else []
+
+
+def _expand_shipped(path: str | Path) -> Path:
+    """``shipped:<name>`` -> the packaged folder; any other path unchanged."""
+    text = str(path)
+    if not text.startswith(SHIPPED_PREFIX):
+        return Path(path)
+    name = text[len(SHIPPED_PREFIX) :]
+    if name not in shipped_checkpoints():
+        raise CheckpointError(
+            f"no shipped checkpoint named {name!r}",
+            hint=f"shipped checkpoints: {', '.join(shipped_checkpoints()) or 'none in this build'}; or train one, e.g."
+            " `apex distill --recipe shapes-teacher-cpu`, and point at it: --set model.init=runs/shapes-teacher-cpu",
+        )
+    return SHIPPED_DIR / name
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -95,12 +124,12 @@ def save_checkpoint(
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory from a checkpoint path or a run directory (its ``final/`` checkpoint).
+    """A checkpoint directory from a checkpoint path, a run directory (its ``final/`` checkpoint) or ``shipped:<name>``.
 
     Raises:
         CheckpointError: If neither holds a complete checkpoint.
     """
-    path = Path(path)
+    path = _expand_shipped(path)
     for candidate in (path, path / FINAL):
         if (candidate / "meta.json").is_file() and (candidate / "model.safetensors").is_file():
             return candidate
@@ -133,6 +162,79 @@ def load_weights(model: nn.Module, directory: Path, stem: str = "model") -> None
     except RuntimeError as err:
         first = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
         raise CheckpointError(f"{directory} does not fit this model: {first}") from None
+
+
+def weights_stem(directory: Path) -> str:
+    """The weights a checkpoint is used with: ``"ema"`` when it has EMA weights, else ``"model"``."""
+    return "ema" if (directory / "ema.safetensors").is_file() else "model"
+
+
+def weights_sha256(directory: Path, stem: str) -> str:
+    """SHA-256 of ``<stem>.safetensors``: how an adapter checkpoint recognises its base."""
+    return hashlib.sha256((directory / f"{stem}.safetensors").read_bytes()).hexdigest()
+
+
+def load_checkpoint_weights(model: nn.Module, path: str | Path, stem: str | None = None) -> tuple[Path, Recipe, dict]:
+    """Load a checkpoint into a fresh model of its recipe's architecture.
+
+    A full checkpoint is loaded as is. An adapter checkpoint (``meta["adapters"]``) is rebuilt: the base
+    (``meta["base"]``, i.e. the run's ``model.init``) is loaded as :func:`load_as_base` does when the run starts,
+    then ``model.add_lora`` with the recipe's ``model.lora`` and the adapter weights.
+
+    Args:
+        model: A model built from the checkpoint's recipe (no adapters yet).
+        path: A checkpoint or run directory, or ``shipped:<name>``.
+        stem: ``"model"`` or ``"ema"``; default: :func:`weights_stem`.
+
+    Returns:
+        ``(checkpoint_dir, recipe, meta)``.
+
+    Raises:
+        CheckpointError: The weights do not fit, or an adapter checkpoint's base is missing or has changed.
+    """
+    directory, recipe, meta = read_checkpoint(path)
+    stem = stem or weights_stem(directory)
+    if not meta.get("adapters"):
+        load_weights(model, directory, stem)
+        return directory, recipe, meta
+    base = meta["base"]
+    try:
+        base_dir, _, _ = read_checkpoint(base)
+    except CheckpointError as err:
+        raise CheckpointError(
+            f"{directory} holds LoRA adapters only, and their base model {base!r} cannot be read ({err})",
+            hint="put the base checkpoint back at that path (the recipe's model.init); the adapters need it",
+        ) from None
+    if meta.get("base_sha256") and weights_sha256(base_dir, weights_stem(base_dir)) != meta["base_sha256"]:
+        raise CheckpointError(
+            f"the base model {base!r} of the LoRA adapters in {directory} has changed since they were trained",
+            hint="restore the original base checkpoint, or train the adapters again on the new one",
+        )
+    load_as_base(model, base_dir)
+    lora = recipe.model.lora  # type: ignore[union-attr]
+    model.add_lora(lora.rank, lora.alpha, lora.target_modules, lora.dropout)  # type: ignore[operator]
+    model.load_trainable_state_dict(read_weights(directory, stem))  # type: ignore[operator]
+    return directory, recipe, meta
+
+
+def load_as_base(model: nn.Module, path: str | Path) -> tuple[Path, Recipe, dict]:
+    """Load a checkpoint as the starting point of a run (``model.init``): its EMA weights when it has them, any
+    adapters merged into the weights, and for a teacher the target-time embedder initialised (E4a, ``Emb2 := Emb1``).
+    """
+    directory, recipe, meta = load_checkpoint_weights(model, path)
+    if meta.get("adapters"):
+        model.merge_lora()  # type: ignore[operator]
+    if meta.get("kind") == "teacher":
+        model.init_target_time_embedder()  # type: ignore[operator]
+    return directory, recipe, meta
+
+
+def read_weights(directory: Path, stem: str) -> dict[str, Tensor]:
+    """The tensors of ``<stem>.safetensors`` in a checkpoint."""
+    path = directory / f"{stem}.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"{directory} has no {stem}.safetensors")
+    return load_file(str(path))
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

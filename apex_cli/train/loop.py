@@ -25,16 +25,21 @@ from torch import nn
 from apex_cli.config import Recipe, dump_recipe, load_recipe
 from apex_cli.core.objective import ObjectiveModels, ObjectiveSettings, apex_loss
 from apex_cli.core.shift import ConditionShift
-from apex_cli.errors import ApexError, CheckpointError, RunInterruptedError
+from apex_cli.errors import ApexError, CheckpointError, RecipeError, RunInterruptedError
 from apex_cli.train.checkpoint import (
     FINAL,
+    SHIPPED_PREFIX,
     atomic_write_text,
     latest_checkpoint,
+    load_as_base,
     load_training_state,
     load_weights,
     read_checkpoint,
+    read_weights,
     resolve_checkpoint,
     save_checkpoint,
+    weights_sha256,
+    weights_stem,
 )
 from apex_cli.train.ema import EMA
 from apex_cli.train.tasks import build_task
@@ -122,6 +127,15 @@ def run_distillation(
     model = task.build_model().to(device)
     teacher = _load_init(recipe, model, console)
     kind = "teacher" if is_teacher_recipe(recipe) else "student"
+    meta: dict[str, Any] = {"kind": kind}
+    lora = getattr(recipe.model, "lora", None)
+    if lora is not None:  # after the teacher copy: adapters on the loaded base, which then stays frozen
+        try:
+            model.add_lora(lora.rank, lora.alpha, lora.target_modules, lora.dropout)  # type: ignore[operator]
+        except ValueError as err:
+            raise RecipeError(f"model.lora.target_modules: {err}") from None
+        base = resolve_checkpoint(recipe.model.init)  # type: ignore[arg-type]
+        meta.update(adapters=True, base=recipe.model.init, base_sha256=weights_sha256(base, weights_stem(base)))
     ema = EMA(model, recipe.method.ema_decay) if recipe.method.reference == "ema" else None
     frozen = teacher if teacher is not None else copy.deepcopy(model).requires_grad_(False)
     reference = {"ema": ema.model if ema else model, "online": model, "frozen": frozen}[recipe.method.reference]
@@ -136,13 +150,10 @@ def run_distillation(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
     first_step = 1
     if resume:
-        first_step = _resume(recipe, run_dir, resume, force, model, ema, optimizer, scheduler, console) + 1
+        first_step = _resume(recipe, run_dir, resume, force, model, ema, optimizer, scheduler, meta, console) + 1
     batches = task.batches(model, train.batch_size, train.seed, device, first_step - 1)
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16)
-        if recipe.hardware.precision == "bf16"
-        else contextlib.nullcontext()
-    )
+    precision = resolve_precision(recipe.hardware.precision, device, console)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
     log_path = run_dir / "metrics.jsonl"
     if first_step == 1:
         log_path.unlink(missing_ok=True)
@@ -172,24 +183,25 @@ def run_distillation(
                 console.print(f"{kind} {recipe.name}: step {step}/{train.steps}, {float(out.terms['total']):.4f} loss")
             if stop.signal is not None and step < train.steps:  # SIGINT / SIGTERM: save, then stop
                 state = _training_state(optimizer, scheduler, ema, step)
-                saved = _save(run_dir / "checkpoints" / f"step_{step:07d}", recipe_yaml, model, ema, step, kind, state)
+                saved = _save(run_dir / "checkpoints" / f"step_{step:07d}", recipe_yaml, model, ema, meta, state)
                 raise RunInterruptedError(
                     f"stopped by {signal.Signals(stop.signal).name} after step {step}; checkpoint saved to {saved}",
                     hint="run the same command with --resume to continue exactly from there",
                 )
             if train.checkpoint_every and step % train.checkpoint_every == 0 and step < train.steps:
                 state = _training_state(optimizer, scheduler, ema, step)
-                _save(run_dir / "checkpoints" / f"step_{step:07d}", recipe_yaml, model, ema, step, kind, state)
+                _save(run_dir / "checkpoints" / f"step_{step:07d}", recipe_yaml, model, ema, meta, state)
     train_seconds = time.perf_counter() - start
     state = _training_state(optimizer, scheduler, ema, train.steps)
-    checkpoint = _save(run_dir / FINAL, recipe_yaml, model, ema, train.steps, kind, state)
+    checkpoint = _save(run_dir / FINAL, recipe_yaml, model, ema, meta, state)
 
     metrics: dict[str, Any] = {}
     if recipe.output.evaluate:
         console.print("[dim]evaluating the run ...[/]")
         sampled = ema.model if ema is not None else model
         model.eval()
-        metrics = task.report(run_dir, None if kind == "teacher" else sampled, sampled if teacher is None else teacher)
+        student = None if kind == "teacher" else sampled
+        metrics = task.report(run_dir, student, sampled if teacher is None else teacher, console)
     metrics["train_seconds"] = round(train_seconds, 2)
     atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
     return RunResult(run_dir=run_dir, checkpoint=checkpoint, metrics=metrics, train_seconds=train_seconds, kind=kind)
@@ -205,7 +217,8 @@ def _load_init(recipe: Recipe, model: nn.Module, console: Console) -> nn.Module 
     if init is None:
         return None
     path = Path(init)
-    if not (path / FINAL / "meta.json").is_file() and not (path / "meta.json").is_file():
+    shipped = init.startswith(SHIPPED_PREFIX)
+    if not shipped and not (path / FINAL / "meta.json").is_file() and not (path / "meta.json").is_file():
         if recipe.model.init_recipe is None:
             raise CheckpointError(
                 f"model.init: {path} does not exist",
@@ -218,7 +231,7 @@ def _load_init(recipe: Recipe, model: nn.Module, console: Console) -> nn.Module 
         init_recipe = Recipe.model_validate(raw)
         console.print(f"No teacher at {path}: training it first with recipe {recipe.model.init_recipe} on this data.")
         run_distillation(init_recipe, console=console)
-    directory, init_recipe, meta = read_checkpoint(path)
+    directory, init_recipe, _ = read_checkpoint(init if shipped else path)
     if init_recipe.data != recipe.data:
         mine, theirs = recipe.data.model_dump(), init_recipe.data.model_dump()
         diff = ", ".join(f"data.{k}: {theirs[k]!r} vs {mine[k]!r}" for k in mine if mine[k] != theirs[k])
@@ -227,23 +240,31 @@ def _load_init(recipe: Recipe, model: nn.Module, console: Console) -> nn.Module 
             hint="train a matching teacher with the same --set data.* overrides and point model.init at it",
         )
     mine, theirs = recipe.model.model_dump(), init_recipe.model.model_dump()
-    architecture = [k for k in mine if k not in ("init", "init_recipe")]
+    architecture = [k for k in mine if k not in ("init", "init_recipe", "lora")]  # LoRA is how it trains, not what
     diff = ", ".join(f"model.{k}: {theirs.get(k)!r} vs {mine[k]!r}" for k in architecture if mine[k] != theirs.get(k))
     if diff:
         raise CheckpointError(f"model.init {directory} has another architecture ({diff})")
-    load_weights(model, directory, "ema" if (directory / "ema.safetensors").is_file() else "model")
-    if meta.get("kind") == "teacher":
-        model.init_target_time_embedder()  # type: ignore[operator]
+    load_as_base(model, directory)  # EMA weights if any, adapters merged, a teacher's Emb2 := Emb1
     return copy.deepcopy(model).requires_grad_(False).eval()
 
 
 def _save(
-    directory: Path, recipe_yaml: str, model: nn.Module, ema: EMA | None, step: int, kind: str, state: dict[str, Any]
+    directory: Path,
+    recipe_yaml: str,
+    model: nn.Module,
+    ema: EMA | None,
+    meta: dict[str, Any],
+    state: dict[str, Any],
 ) -> Path:
-    weights = {"model": model.state_dict()}
+    """A checkpoint at ``state["step"]``; a LoRA model writes only its trained tensors (adapters and embedder)."""
+    weights = {"model": _weights(model)}
     if ema is not None:
-        weights["ema"] = ema.model.state_dict()
-    return save_checkpoint(directory, recipe_yaml, weights, {"step": step, "kind": kind}, state)
+        weights["ema"] = _weights(ema.model)
+    return save_checkpoint(directory, recipe_yaml, weights, {"step": state["step"], **meta}, state)
+
+
+def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return model.trainable_state_dict() if getattr(model, "has_lora", False) else model.state_dict()  # type: ignore[operator]
 
 
 def _training_state(optimizer: torch.optim.Optimizer, scheduler: Any, ema: EMA | None, step: int) -> dict[str, Any]:
@@ -268,13 +289,17 @@ def _resume(
     ema: EMA | None,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
+    meta: dict[str, Any],
     console: Console,
 ) -> int:
-    """Load the weights and training state of a checkpoint; return the step it was taken at."""
+    """Load the weights and training state of a checkpoint; return the step it was taken at.
+
+    A LoRA run's ``model`` (and EMA) already hold the base and fresh adapters: only the saved adapters are loaded.
+    """
     directory = latest_checkpoint(run_dir) if resume is True else resolve_checkpoint(str(resume))
     if directory is None:
         raise CheckpointError(f"--resume: {run_dir} has no checkpoint yet", hint="start the run without --resume")
-    _, saved, _ = read_checkpoint(directory)
+    _, saved, saved_meta = read_checkpoint(directory)
     differences = _differences(saved.model_dump(mode="json"), recipe.model_dump(mode="json"))
     blocking = [d for d in differences if not d.startswith(RESUMABLE_CHANGES)]
     if blocking and not force:
@@ -282,15 +307,26 @@ def _resume(
             f"{directory} was written by a different recipe: " + "; ".join(blocking),
             hint="resume with the same recipe, or pass --force to resume anyway",
         )
+    if meta.get("adapters") and saved_meta.get("base_sha256") != meta["base_sha256"] and not force:
+        raise CheckpointError(
+            f"the base model {meta['base']!r} has changed since {directory} was written",
+            hint="restore the original base checkpoint, or pass --force to resume on the new one",
+        )
     state = load_training_state(directory)
     if state["step"] >= recipe.train.steps:
         raise CheckpointError(
             f"{directory} is at step {state['step']}, the recipe stops at train.steps={recipe.train.steps}",
             hint="raise train.steps with --set train.steps=N to train further",
         )
-    load_weights(model, directory, "model")
+    if getattr(model, "has_lora", False):
+        model.load_trainable_state_dict(read_weights(directory, "model"))  # type: ignore[operator]
+        if ema is not None:
+            ema.model.load_trainable_state_dict(read_weights(directory, "ema"))  # type: ignore[operator]
+    else:
+        load_weights(model, directory, "model")
+        if ema is not None:
+            load_weights(ema.model, directory, "ema")
     if ema is not None:
-        load_weights(ema.model, directory, "ema")
         ema.current_decay = state["ema_decay"]
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -339,6 +375,32 @@ def _stop_signals() -> Iterator[_StopRequest]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 in hardware (without it, bf16 autocast is emulated and slow)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())  # oneDNN: AVX512-BF16 / AMX on x86
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device, console: Console | None = None) -> str:
+    """``hardware.precision`` as run: ``auto`` becomes bf16 where the device has it natively, else fp32.
+
+    An explicit ``bf16`` on a device without native bf16 runs as asked, with a warning: on a CPU without
+    AVX512-BF16 the shapes teacher's step took 27 s in bf16 against 2.4 s in fp32.
+    """
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    if precision == "bf16" and not native_bf16(device) and console is not None:
+        console.print(
+            f"[yellow]Warning:[/] hardware.precision is bf16 but this {device.type} has no native bf16, so autocast"
+            " is emulated and slow; --set hardware.precision=auto picks fp32 here"
+        )
+    return precision
 
 
 def _device(name: str) -> torch.device:

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import shutil
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from torch import Tensor, nn
 
@@ -19,14 +23,18 @@ from apex_cli.core.sampler import SamplerSettings
 from apex_cli.data import shapes
 from apex_cli.eval.detectors import ShapesDetector
 from apex_cli.eval.generate import generate, generate_fn
-from apex_cli.eval.geneval import generate_images, score_folder, summarize
+from apex_cli.eval.geneval import generate_images, one_prompt_at_a_time, score_folder, summarize
 from apex_cli.models.shapes import ShapesModel, images_to_tensor
 from apex_cli.train.checkpoint import atomic_write_text
-from apex_cli.train.sampling import TEACHER_MULTI_STEP, TEACHER_ONE_STEP, sampler_settings
+from apex_cli.train.sampling import TEACHER_MULTI_STEP, sampler_settings
 
 SHORT_TASK_NAMES = {"single_object": "single", "two_object": "two", "counting": "count", "color_attr": "attr"}
 REPORT_SEED = 0
-REPORT_IMAGES_PER_PROMPT = 2
+REPORT_IMAGES_PER_PROMPT = 4  # GenEval's protocol
+REPORT_BATCH = 240  # images a forward batch
+REPORT_FID_REFERENCE = 2000  # renderer images behind the FID reference statistics
+TEACHER_REPORT_NFE = (50, 4, 1)
+REPORT_COUNTS = shapes.QUICK_COUNTS  # prompts a task: the quick suite, 60 prompts
 
 
 @dataclass
@@ -65,44 +73,127 @@ class ShapesTask:
             cond = model.encode_prompts([prompt for prompt, _ in pairs])  # type: ignore[operator]
             yield x, {k: v.to(device) for k, v in cond.items()}
 
-    def report(self, run_dir: Path, student: nn.Module | None, teacher: nn.Module) -> dict[str, Any]:
-        """GenEval-shapes on the quick suite (60 prompts x 2 images) and a sample grid, one row per task."""
+    def report(
+        self, run_dir: Path, student: nn.Module | None, teacher: nn.Module, console: Console | None = None
+    ) -> dict[str, Any]:
+        """GenEval-shapes (quick suite, 4 images a prompt), FID and images per second for each sample set.
+
+        Sets: the renderer itself (the ceiling of both metrics at this sample size), the teacher at NFE 50 / 4 / 1
+        (Euler, the teacher's guidance) and, for a distillation run, the student at NFE 1 / 2 / 4 (its recipe's
+        sampler). Also writes ``samples.png``: one row per GenEval task, columns teacher 50, teacher 1, student 1.
+        """
+        from apex_cli.eval.fid import compute_fid, shapes_reference
+
+        guidance = self.teacher_guidance()
         sets: dict[str, tuple[nn.Module, SamplerSettings]] = {
-            "teacher_50": (teacher, TEACHER_MULTI_STEP),
-            "teacher_1": (teacher, TEACHER_ONE_STEP),
+            f"teacher_{nfe}": (teacher, replace(TEACHER_MULTI_STEP, nfe=nfe, guidance=guidance))
+            for nfe in TEACHER_REPORT_NFE
         }
         if student is not None:
-            sets["student_1"] = (student, sampler_settings(self.recipe.sampler, 1))
-        rows = shapes.prompt_suite(seed=0, counts=shapes.QUICK_COUNTS)
-        scores = {}
-        for name, (model, settings) in sets.items():
-            folder = run_dir / "geneval" / name
-            generate_images(rows, folder, generate_fn(model, settings), REPORT_IMAGES_PER_PROMPT, REPORT_SEED)
-            scores[name] = summarize(score_folder(folder, ShapesDetector()))
+            sets.update({f"student_{nfe}": (student, sampler_settings(self.recipe.sampler, nfe)) for nfe in (1, 2, 4)})
+        rows = shapes.prompt_suite(seed=0, counts=REPORT_COUNTS)
+        size = self.recipe.data.image_size  # type: ignore[union-attr]
+        reference = shapes_reference(seed=0, n_images=REPORT_FID_REFERENCE, image_size_px=size)
+        results: dict[str, dict[str, Any]] = {}
+        folders = {"renderer": run_dir / "geneval" / "renderer"}
+        with _report_progress(console) as progress:
+            bar = progress.add_task("renderer", total=len(rows))
+            render = one_prompt_at_a_time(_render)
+            generate_images(rows, folders["renderer"], render, REPORT_IMAGES_PER_PROMPT, REPORT_SEED)
+            progress.update(bar, completed=len(rows))
+            results["renderer"] = {"images_per_second": None}
+            for name, (model, settings) in sets.items():
+                folders[name] = run_dir / "geneval" / name
+                shutil.rmtree(folders[name], ignore_errors=True)  # a fresh timing every report
+                timed = _Timed(generate_fn(model, settings))
+                bar = progress.add_task(name.replace("_", ", NFE "), total=len(rows))
+                generate_images(
+                    rows,
+                    folders[name],
+                    timed,
+                    REPORT_IMAGES_PER_PROMPT,
+                    REPORT_SEED,
+                    progress=lambda done, _total, bar=bar: progress.update(bar, completed=done),
+                    batch_size=REPORT_BATCH,
+                )
+                results[name] = {"images_per_second": round(timed.images / timed.seconds, 2)}
+            bar = progress.add_task("GenEval + FID", total=len(folders))
+            for name, folder in folders.items():
+                summary = summarize(score_folder(folder, ShapesDetector()))
+                fid = compute_fid(folder, reference, features="shapes")
+                results[name].update(_compact(summary), fid=round(fid.fid, 3))
+                progress.advance(bar)
         grid = run_dir / "samples.png"
-        _grid(grid, sets)
+        _grid(grid, {k: v for k, v in sets.items() if k in ("teacher_50", "teacher_1", "student_1")})
         metrics: dict[str, Any] = {
-            "geneval": {name: _compact(summary) for name, summary in scores.items()},
-            "suite": "shapes quick (10 prompts a task)",
-            "images_per_prompt": REPORT_IMAGES_PER_PROMPT,
+            "geneval": results,
+            "suite": f"GenEval-shapes, {len(rows)} prompts x {REPORT_IMAGES_PER_PROMPT} images",
+            "fid_reference": f"{reference.name} (shapes features)",
+            "teacher_guidance": guidance,
             "outputs": {"metrics": str(run_dir / "metrics.json"), "samples": str(grid)},
         }
         atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
         return metrics
 
+    def teacher_guidance(self) -> float:
+        """The classifier-free guidance the teacher samples with: its own recipe's ``sampler.guidance``."""
+        if self.recipe.model.init is None:
+            return self.recipe.sampler.guidance
+        from apex_cli.train.checkpoint import read_checkpoint
+
+        _, init_recipe, meta = read_checkpoint(self.recipe.model.init)
+        return init_recipe.sampler.guidance if meta.get("kind") == "teacher" else 0.0
+
     def summary_table(self, metrics: dict[str, Any]) -> Table:
-        """GenEval-shapes overall and per task for each sample set."""
-        table = Table(title=f"{self.recipe.name}: GenEval-shapes, {metrics['suite']}")
+        """GenEval-shapes overall and per task, FID and images per second for each sample set."""
+        table = Table(title=f"{self.recipe.name}: {metrics['suite']}; FID vs {metrics['fid_reference']}")
         tasks = list(shapes.TASKS)
         table.add_column("samples")
-        table.add_column("overall", justify="right")
+        table.add_column("GenEval", justify="right")
         for task in tasks:
             table.add_column(SHORT_TASK_NAMES.get(task, task), justify="right")
+        table.add_column("FID", justify="right")
+        table.add_column("img/s", justify="right")
         for name, score in metrics["geneval"].items():
+            speed = score.get("images_per_second")
             table.add_row(
-                name.replace("_", ", NFE "), f"{score['overall']:.3f}", *(f"{score['tasks'][t]:.2f}" for t in tasks)
+                name.replace("_", ", NFE ") if name != "renderer" else "renderer (ceiling)",
+                f"{score['overall']:.3f}",
+                *(f"{score['tasks'][t]:.2f}" for t in tasks),
+                f"{score['fid']:.2f}",
+                "-" if speed is None else f"{speed:.1f}",
             )
         return table
+
+
+def _report_progress(console: Console | None) -> Progress:
+    """One bar a sample set (prompts done), then one for scoring; silent without a console."""
+    return Progress(
+        TextColumn("[bold]report[/] {task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=console is None,
+    )
+
+
+class _Timed:
+    """A ``generate_fn`` that counts its images and the seconds spent generating them."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn, self.images, self.seconds = fn, 0, 0.0
+
+    def __call__(self, prompts: list[str], seeds: list[int]) -> Any:
+        start = time.perf_counter()
+        images = self.fn(prompts, seeds)
+        self.seconds += time.perf_counter() - start
+        self.images += len(images)
+        return images
+
+
+def _render(prompt: str, seeds: list[int]) -> list[np.ndarray]:
+    return [shapes.render_prompt(prompt, s) for s in seeds]
 
 
 def _compact(summary: dict[str, Any]) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from rich.console import Console
 from rich.table import Table
 from torch import Tensor, nn
 
@@ -28,8 +29,13 @@ class Task(Protocol):
         """An endless, seeded stream of ``(x_data, cond)``, starting after ``skip`` batches (for resume)."""
         ...
 
-    def report(self, run_dir: Path, student: nn.Module | None, teacher: nn.Module) -> dict[str, Any]:
-        """Measure the run, write its report files and return the metrics (with ``outputs``: name -> path)."""
+    def report(
+        self, run_dir: Path, student: nn.Module | None, teacher: nn.Module, console: Console | None = None
+    ) -> dict[str, Any]:
+        """Measure the run, write its report files and return the metrics (with ``outputs``: name -> path).
+
+        Long reports show their progress on ``console``.
+        """
         ...
 
     def summary_table(self, metrics: dict[str, Any]) -> Table:
@@ -53,13 +59,18 @@ def load_checkpoint_model(
 ) -> tuple[nn.Module, Recipe, dict[str, Any]]:
     """The model of a checkpoint (its EMA weights when it has them), in eval mode, with its recipe and metadata.
 
+    An adapter checkpoint of a LoRA run is rebuilt on its base (``model.init``): see ``load_checkpoint_weights``.
+
     Args:
         path: A run directory (its final checkpoint) or a checkpoint directory.
         device: Where to put the model.
-    """
-    from apex_cli.train.checkpoint import load_weights, read_checkpoint
 
-    directory, recipe, meta = read_checkpoint(path)
+    Raises:
+        CheckpointError: The checkpoint is unreadable, or a LoRA checkpoint's base cannot be found.
+    """
+    from apex_cli.train.checkpoint import load_checkpoint_weights, read_checkpoint
+
+    _, recipe, _ = read_checkpoint(path)
     model = build_task(recipe).build_model()
-    load_weights(model, directory, "ema" if (directory / "ema.safetensors").is_file() else "model")
+    _, recipe, meta = load_checkpoint_weights(model, path)
     return model.to(device).eval(), recipe, meta

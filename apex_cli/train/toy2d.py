@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
 from rich.table import Table
 from torch import Tensor, nn
 
@@ -48,7 +49,9 @@ class Toy2dTask:
             points, labels = self.mixture.sample(batch_size, generator)
             yield points.to(device), {"labels": labels.to(device)}
 
-    def report(self, run_dir: Path, student: nn.Module | None, teacher: nn.Module) -> dict[str, Any]:
+    def report(
+        self, run_dir: Path, student: nn.Module | None, teacher: nn.Module, console: Console | None = None
+    ) -> dict[str, Any]:
         """Energy distances of each sample set to the true mixture, ``metrics.json`` and ``scatter.png``."""
         n = self.recipe.output.eval_samples
         generator = torch.Generator().manual_seed(EVAL_SEED)

@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from apex_cli.cli.app import app
 from apex_cli.data.shapes import QUICK_COUNTS, prompt_suite, render_prompt
-from apex_cli.eval.geneval import generate_images
+from apex_cli.eval.geneval import generate_images, one_prompt_at_a_time
 
 
 @pytest.fixture(scope="module")
@@ -15,7 +15,8 @@ def rendered(tmp_path_factory):
     """The quick shapes suite (60 prompts x 2 images) rendered by the renderer itself."""
     folder = tmp_path_factory.mktemp("geneval")
     rows = prompt_suite(seed=0, counts=QUICK_COUNTS)
-    generate_images(rows, folder, lambda prompt, seeds: [render_prompt(prompt, s) for s in seeds], images_per_prompt=2)
+    render = one_prompt_at_a_time(lambda prompt, seeds: [render_prompt(prompt, s) for s in seeds])
+    generate_images(rows, folder, render, images_per_prompt=2)
     return folder
 
 

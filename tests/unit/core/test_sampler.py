@@ -66,6 +66,18 @@ def test_few_style_is_seeded():
     assert not torch.equal(a, c)
 
 
+def test_per_sample_generators_make_a_sample_independent_of_its_batch():
+    model = nn.Linear(2, 2).double()
+    wrapped = type("W", (), {"velocity": lambda self, x, t, r, c: model(x), "text_projection": nn.Identity()})()
+    noise = torch.randn(3, 2, dtype=torch.float64)
+    settings = SamplerSettings(style="few", nfe=4, gap=(0.001, 0.5))
+    batch = sample(wrapped, noise, {}, settings, generator=[torch.Generator().manual_seed(s) for s in (4, 5, 6)])
+    alone = sample(wrapped, noise[1:2], {}, settings, generator=[torch.Generator().manual_seed(5)])
+    torch.testing.assert_close(batch[1:2], alone, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="2 generators for a batch of 3"):
+        sample(wrapped, noise, {}, settings, generator=[torch.Generator(), torch.Generator()])
+
+
 def test_mul_style_is_euler():
     # F(x, t, r) = x: Euler from 1 to 0 in 2 steps of 0.5: x -> 0.5 x -> 0.25 x
     wrapped = type("W", (), {"velocity": lambda self, x, t, r, c: x, "text_projection": nn.Identity()})()

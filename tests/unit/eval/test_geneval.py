@@ -196,12 +196,12 @@ def test_counting_uses_the_strict_threshold():
 def render_fn(calls: list | None = None, fail_after: int | None = None):
     """The renderer as a generator; records prompts and can fail once ``fail_after`` prompts were done."""
 
-    def generate(prompt: str, seeds: list[int]) -> list[np.ndarray]:
+    def generate(prompts: list[str], seeds: list[int]) -> list[np.ndarray]:
         if fail_after is not None and calls is not None and len(calls) >= fail_after:
             raise KeyboardInterrupt("interrupted")
         if calls is not None:
-            calls.append(prompt)
-        return [shapes.render_prompt(prompt, s) for s in seeds]
+            calls.extend(dict.fromkeys(prompts))
+        return [shapes.render_prompt(p, s) for p, s in zip(prompts, seeds, strict=True)]
 
     return generate
 
@@ -218,9 +218,9 @@ def same_tree(a: Path, b: Path) -> bool:
 def test_generate_images_layout_and_seeds(tmp_path):
     seen = []
 
-    def generate(prompt, seeds):
+    def generate(prompts, seeds):
         seen.append(seeds)
-        return [shapes.render_prompt(prompt, s) for s in seeds]
+        return [shapes.render_prompt(p, s) for p, s in zip(prompts, seeds, strict=True)]
 
     report = geneval.generate_images(SUITE[:3], tmp_path, generate, images_per_prompt=2, seed=5)
     assert report.generated == [0, 1, 2] and report.skipped == []
@@ -256,8 +256,8 @@ def test_resume_after_an_interruption_matches_an_uninterrupted_run(tmp_path):
 
 
 def test_a_failure_inside_a_prompt_leaves_it_incomplete(tmp_path):
-    def broken(prompt, seeds):
-        return [shapes.render_prompt(prompt, seeds[0]), np.zeros((4, 4), np.uint8)]
+    def broken(prompts, seeds):
+        return [shapes.render_prompt(prompts[0], seeds[0]), np.zeros((4, 4), np.uint8)]
 
     with pytest.raises(ValueError, match="uint8"):
         geneval.generate_images(SUITE[:1], tmp_path, broken, images_per_prompt=2)
@@ -283,6 +283,25 @@ def test_shards_are_disjoint_and_add_up_to_the_whole_run(tmp_path):
     assert same_tree(whole, sharded)
     with pytest.raises(ValueError, match="shard"):
         geneval.generate_images(SUITE, sharded, render_fn(), shard=(3, 3))
+
+
+def test_batching_prompts_writes_the_same_folders(tmp_path):
+    one, many = tmp_path / "one", tmp_path / "many"
+    geneval.generate_images(SUITE, one, render_fn(), images_per_prompt=2)
+    sizes: list[int] = []
+
+    def batched(prompts, seeds):
+        sizes.append(len(prompts))
+        return render_fn()(prompts, seeds)
+
+    progress: list[tuple[int, int]] = []
+    report = geneval.generate_images(
+        SUITE, many, batched, images_per_prompt=2, batch_size=7, progress=lambda d, n: progress.append((d, n))
+    )
+    assert sizes == [6] * (len(SUITE) // 3)  # 7 images a call -> 3 whole prompts of 2 images
+    assert report.generated == list(range(len(SUITE)))
+    assert progress == [(3 * (k + 1), len(SUITE)) for k in range(len(SUITE) // 3)]
+    assert same_tree(one, many)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -313,7 +332,8 @@ def mixed_folder(tmp_path: Path) -> Path:
     """The renderer's images for half the prompts, black images for the rest: some right, some wrong."""
     outdir = tmp_path / "images"
 
-    def generate(prompt, seeds):
+    def generate(prompts, seeds):
+        prompt = prompts[0]
         if zlib.crc32(prompt.encode()) % 2 and "three" not in prompt:
             return [np.zeros((32, 32, 3), np.uint8) for _ in seeds]
         return [shapes.render_prompt(prompt, s) for s in seeds]
@@ -403,9 +423,9 @@ def test_shapes_detector_scores_renderer_high_and_blank_or_noise_low(tmp_path):
     suite = shapes.prompt_suite(seed=11, counts=shapes.QUICK_COUNTS)
     rng = np.random.default_rng(0)
     makers = {
-        "renderer": lambda prompt, seeds: [shapes.render_prompt(prompt, s) for s in seeds],
-        "black": lambda prompt, seeds: [np.zeros((32, 32, 3), np.uint8) for _ in seeds],
-        "noise": lambda prompt, seeds: [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in seeds],
+        "renderer": lambda prompts, seeds: [shapes.render_prompt(p, s) for p, s in zip(prompts, seeds, strict=True)],
+        "black": lambda prompts, seeds: [np.zeros((32, 32, 3), np.uint8) for _ in seeds],
+        "noise": lambda prompts, seeds: [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in seeds],
     }
     scores = {}
     for name, make in makers.items():

@@ -1,0 +1,1 @@
+"""Checkpoints shipped inside the package, addressed as ``shipped:<name>`` (``model.init: shipped:NAME``)."""
