@@ -87,6 +87,7 @@ RESUMABLE_CHANGES = (
     "output.evaluate",
     "output.eval_samples",
     "description",
+    "sampler.",  # how the result is sampled and reported, not how it trains
 )
 """Recipe fields that may differ between a checkpoint and the run that resumes it."""
 
