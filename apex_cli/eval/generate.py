@@ -12,11 +12,6 @@ from apex_cli.core.sampler import SamplerSettings, sample
 from apex_cli.models.shapes import tensor_to_images
 
 
-def seeded_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> torch.Tensor:
-    """One Gaussian noise tensor per seed, ``[len(seeds), *shape]``: image ``k`` depends on its seed only."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
-
-
 @torch.no_grad()
 def generate(model: nn.Module, prompts: Sequence[str], seeds: Sequence[int], settings: SamplerSettings) -> np.ndarray:
     """Images ``[B, H, W, 3]`` uint8 for ``prompts[i]`` from noise seeded by ``seeds[i]``.
