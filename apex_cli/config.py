@@ -1,7 +1,7 @@
 """Recipes: YAML -> frozen, validated pydantic models; ``--set key.sub=value`` overrides; built-in lookup.
 
-A recipe has the sections ``model``, ``data``, ``method``, ``sampler``, ``train``, ``hardware`` and
-``output``. YAML keys are the field names used in code and in logs. Every section forbids unknown keys,
+A recipe has the sections ``model``, ``data``, ``method``, ``sampler``, ``train``, ``monitor``, ``hardware``
+and ``output``. YAML keys are the field names used in code and in logs. Every section forbids unknown keys,
 so a typo is an error with its dotted path, and all errors are reported at once.
 """
 
@@ -226,6 +226,37 @@ class TrainConfig(_Section):
     warmup_steps: int = Field(0, ge=0)
     seed: int = 0
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = only the final one")
+    keep_last: int = Field(
+        0, ge=0, description="periodic checkpoints kept, the newest complete ones (final/ is always kept); 0 = all"
+    )
+    max_nonfinite_steps: int = Field(
+        5,
+        ge=1,
+        description="a step with a non-finite loss or gradient is skipped (no update); this many in a row stop the run",
+    )
+
+
+class MonitorConfig(_Section):
+    """The collapse monitor of a distillation: one-step samples of the student from fresh noise, on the batch's
+    conditions, measured every ``every`` steps and logged with the losses; a warning when they look collapsed."""
+
+    every: int = Field(
+        10, ge=0, description="steps between measurements: a collapse is reported within this many steps; 0 = off"
+    )
+    min_diversity: float = Field(
+        0.1,
+        ge=0,
+        description="warn below this diversity: the samples' spread across the batch over the real data's spread "
+        "(1 = as varied as the data, 0 = all alike)",
+    )
+    max_constant_fraction: float = Field(
+        0.5, ge=0, le=1, description="warn when more than this share of the images are near-constant (one flat colour)"
+    )
+    constant_std: float = Field(
+        0.05,
+        gt=0,
+        description="an image is near-constant when its pixel std is below this times the real images' mean pixel std",
+    )
 
 
 class HardwareConfig(_Section):
@@ -264,6 +295,7 @@ class Recipe(_Section):
     method: MethodConfig = MethodConfig()
     sampler: SamplerConfig = SamplerConfig()
     train: TrainConfig
+    monitor: MonitorConfig = MonitorConfig()
     hardware: HardwareConfig = HardwareConfig()
     output: OutputConfig
 
@@ -392,7 +424,7 @@ def _describe(error: Any) -> str:
         return f"{path}: required key is missing"
     message = error["msg"].removeprefix("Value error, ")
     if error["type"].startswith("value_error") or error["type"] == "assertion_error":
-        return f"{path}: {message}"
+        return f"{path}: {message}" if loc else message  # a whole-recipe check names its fields itself
     return f"{path}: {message} (got {error.get('input')!r})"
 
 

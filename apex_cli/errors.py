@@ -23,6 +23,10 @@ class DataError(ApexError):
     """Input data (prompts, images, folders) is missing or malformed."""
 
 
+class TrainingError(ApexError):
+    """A run stopped because training went wrong (e.g. non-finite losses step after step)."""
+
+
 class RunInterruptedError(ApexError):
     """SIGINT or SIGTERM stopped a run after it saved a checkpoint; the CLI exits with 130."""
 

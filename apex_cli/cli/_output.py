@@ -9,6 +9,7 @@ from typing import ParamSpec, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from apex_cli.errors import ApexError
 
@@ -30,9 +31,10 @@ def user_errors(command: Callable[P, R]) -> Callable[P, R]:
             if os.environ.get("APEX_DEBUG"):
                 raise
             label = "[bold yellow]Stopped:[/]" if err.exit_code == 130 else "[bold red]Error:[/]"
-            stderr.print(f"{label} {err}", highlight=False, soft_wrap=True)
+            # Messages quote user input, e.g. "time_dist [a, b, s]": escaped, or rich would take it for markup.
+            stderr.print(f"{label} {escape(str(err))}", highlight=False, soft_wrap=True)
             if err.hint:
-                stderr.print(f"[dim]Hint: {err.hint}[/]", highlight=False, soft_wrap=True)
+                stderr.print(f"[dim]Hint: {escape(err.hint)}[/]", highlight=False, soft_wrap=True)
             raise typer.Exit(code=err.exit_code) from None
         except KeyboardInterrupt:
             stderr.print("[yellow]Interrupted.[/]")

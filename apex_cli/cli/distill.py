@@ -27,7 +27,11 @@ def distill(
     dry_run: Annotated[bool, typer.Option("--dry-run", "-n", help="Print the resolved recipe and exit.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a finished run in output.dir.")] = False,
     resume: Annotated[
-        bool, typer.Option("--resume", help="Continue from the latest checkpoint in output.dir (exactly).")
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue from the newest complete checkpoint in output.dir (exactly); damaged ones are skipped.",
+        ),
     ] = False,
     resume_from: Annotated[str | None, typer.Option(help="Continue from this checkpoint directory.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Resume even if the recipe changed a result field.")] = False,

@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from apex_cli.cli._output import stderr, stdout, user_errors
-from apex_cli.errors import ApexError
+from apex_cli.errors import ApexError, DataError
 
 app = typer.Typer(help="Measure images: GenEval (object, count, colour, position) and FID / KID.", no_args_is_help=True)
 
@@ -195,7 +195,14 @@ def _load_prompts(prompts: str) -> list[dict]:
         return shapes.prompt_suite(seed=0, counts=shapes.QUICK_COUNTS)
     if not Path(prompts).is_file():
         raise ApexError(f"--prompts {prompts!r} is neither 'shapes', 'shapes-quick' nor an existing JSONL file")
-    return shapes.read_suite(prompts)
+    rows = shapes.read_suite(prompts)
+    empty = [i for i, row in enumerate(rows, start=1) if not row["prompt"].strip()]
+    if empty:
+        raise DataError(
+            f"--prompts {prompts}: prompt {empty[0]} of {len(rows)} is empty ({len(empty)} empty in all)",
+            hint="every row needs the text to generate from in its 'prompt' field",
+        )
+    return rows
 
 
 def _generate_for_geneval(
@@ -216,16 +223,17 @@ def _generate_for_geneval(
     from apex_cli.train.sampling import checkpoint_sampler
     from apex_cli.train.tasks import load_checkpoint_model
 
+    rows, shard_spec = _load_prompts(prompts), _parse_shard(shard)  # before the model loads: fail fast
+    steps_list = _parse_nfe(nfe) if nfe else None
     model, recipe, meta = load_checkpoint_model(ckpt)  # type: ignore[arg-type]
     if not hasattr(model, "encode_prompts"):
         raise ApexError(
             f"{ckpt} is a {recipe.model.name} checkpoint, not a text-to-image model; its run's "
             "metrics.json holds its evaluation"
         )
-    rows, shard_spec = _load_prompts(prompts), _parse_shard(shard)
     base = out or resolve_checkpoint(ckpt) / "geneval"  # type: ignore[arg-type]
     folders = {}
-    for steps in _parse_nfe(nfe) if nfe else [recipe.sampler.nfe]:
+    for steps in steps_list or [recipe.sampler.nfe]:
         settings = checkpoint_sampler(recipe, meta, steps)
         suffix = ""
         if guidance is not None:

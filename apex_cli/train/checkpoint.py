@@ -7,8 +7,14 @@ Layout of a checkpoint directory::
     recipe.yaml         the resolved recipe that produced it
     training_state.pt   optimizer, LR scheduler, EMA warm-up and RNG states (to resume exactly)
     meta.json           {"step", "kind": "teacher" | "student", "apex_version", "schema_version"}
+    manifest.json       {"files": {name: {"bytes", "sha256"}}} of every other file, written last
 
 A run directory holds ``config.yaml``, ``checkpoints/step_XXXXXXX/`` and ``final/``.
+
+The rename makes a checkpoint appear whole or not at all, even under ``kill -9``; the manifest catches what happens
+to it afterwards (a truncated copy, a bad disk). Resuming verifies it: :func:`latest_checkpoint` skips a checkpoint
+that does not match its manifest and takes the one before. Checkpoints written before manifests existed have none
+and are taken as they are.
 
 A LoRA run (``model.lora``) writes adapter checkpoints: the weight files hold only the trained tensors (the LoRA
 ``A`` / ``B`` matrices and the target-time embedder ``class_embedding``), and ``meta.json`` adds
@@ -20,13 +26,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -35,6 +44,8 @@ from apex_cli.config import SCHEMA_VERSION, Recipe, parse_yaml, validate_recipe
 from apex_cli.errors import CheckpointError
 
 FINAL = "final"
+MANIFEST = "manifest.json"
+STEP_PREFIX = "step_"
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "weights"
 """Checkpoints shipped inside the package (``apex_cli/weights/<name>/``), addressed by ``shipped:<name>``."""
 SHIPPED_PREFIX = "shipped:"
@@ -84,6 +95,9 @@ def save_checkpoint(
 ) -> Path:
     """Write a checkpoint into a temporary sibling folder, fsync it, then rename it to ``directory``.
 
+    The files are followed by ``manifest.json`` (size and SHA-256 of each), then everything is fsynced and the
+    folder renamed into place; until that rename, ``directory`` and every other checkpoint are left as they were.
+
     Args:
         directory: Final checkpoint path (replaced if it exists).
         recipe_yaml: The resolved recipe.
@@ -93,6 +107,9 @@ def save_checkpoint(
 
     Returns:
         ``directory``.
+
+    Raises:
+        CheckpointError: A file could not be written (a full disk, say); nothing was replaced.
     """
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".tmp"))
@@ -106,21 +123,82 @@ def save_checkpoint(
         (staging / "recipe.yaml").write_text(recipe_yaml)
         full_meta = {**meta, "apex_version": __version__, "schema_version": SCHEMA_VERSION}
         (staging / "meta.json").write_text(json.dumps(full_meta, indent=2))
+        files = {f.name: {"bytes": f.stat().st_size, "sha256": file_sha256(f)} for f in sorted(staging.iterdir())}
+        (staging / MANIFEST).write_text(json.dumps({"files": files}, indent=2))
         for file in staging.iterdir():
             with open(file, "rb") as handle:
                 os.fsync(handle.fileno())
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(directory, old)
-            os.replace(staging, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, directory)
+        _fsync_directory(staging)
+    except (OSError, RuntimeError, SafetensorError) as err:  # the writers' ways of saying "disk full"
+        shutil.rmtree(staging, ignore_errors=True)
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
+        free = shutil.disk_usage(directory.parent).free / 2**20
+        raise CheckpointError(
+            f"cannot write checkpoint {directory}: {reason} ({free:.0f} MiB free there); "
+            "earlier checkpoints are untouched",
+            hint="free disk space (or move output.dir to a larger disk), then run the same command with --resume",
+        ) from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    if directory.exists():
+        old = directory.with_name(f".{directory.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(directory, old)
+        os.replace(staging, directory)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, directory)
+    _fsync_directory(directory.parent)
     return directory
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a folder's entries (new files, a rename) durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks (weights files can be tens of GB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(2**20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_problem(directory: Path, *, hashes: bool = True) -> str | None:
+    """What is wrong with a checkpoint by its manifest, or None when it is complete.
+
+    Args:
+        directory: A checkpoint folder.
+        hashes: Also compare SHA-256 digests (reads every byte); False checks presence and sizes only.
+
+    A checkpoint without ``manifest.json`` (written before apex had manifests) cannot be checked and counts as
+    complete when it has ``meta.json``.
+    """
+    if not (directory / "meta.json").is_file():
+        return "meta.json is missing"
+    if not (directory / MANIFEST).is_file():
+        return None
+    try:
+        files = json.loads((directory / MANIFEST).read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        return f"{MANIFEST} is unreadable"
+    for name, expected in files.items():
+        path = directory / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != expected["bytes"]:
+            return f"{name} has {size} bytes, its manifest says {expected['bytes']} (truncated?)"
+        if hashes and file_sha256(path) != expected["sha256"]:
+            return f"{name} does not match its SHA-256 in {MANIFEST} (corrupted)"
+    return None
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -237,14 +315,59 @@ def read_weights(directory: Path, stem: str) -> dict[str, Tensor]:
     return load_file(str(path))
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint of ``run_dir`` with the highest step (``final/`` included), or None."""
-    candidates = [p for p in (run_dir / "checkpoints").glob("step_*") if (p / "meta.json").is_file()]
-    if (run_dir / FINAL / "meta.json").is_file():
+def latest_checkpoint(run_dir: Path, on_skip: Callable[[Path, str], None] | None = None) -> Path | None:
+    """The newest complete checkpoint of ``run_dir`` (``final/`` included), or None.
+
+    Checkpoints are tried from the highest step down; one that does not match its manifest is passed to
+    ``on_skip(path, problem)`` and the one before it is tried.
+    """
+    candidates = [p for p in (run_dir / "checkpoints").glob(f"{STEP_PREFIX}*") if p.is_dir()]
+    if (run_dir / FINAL).is_dir():
         candidates.append(run_dir / FINAL)
-    if not candidates:
-        return None
-    return max(candidates, key=lambda p: json.loads((p / "meta.json").read_text())["step"])
+    for directory in sorted(candidates, key=_step_of, reverse=True):
+        problem = checkpoint_problem(directory)
+        if problem is None:
+            return directory
+        if on_skip is not None:
+            on_skip(directory, problem)
+    return None
+
+
+def _step_of(directory: Path) -> float:
+    """The step of a checkpoint, from its name (``step_0000100``) or its meta.json; unreadable ones sort first."""
+    if directory.name.startswith(STEP_PREFIX) and directory.name[len(STEP_PREFIX) :].isdigit():
+        return int(directory.name[len(STEP_PREFIX) :])
+    try:
+        return int(json.loads((directory / "meta.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return math.inf  # tried first, so that its problem is reported
+
+
+def rotate_checkpoints(run_dir: Path, keep_last: int) -> list[Path]:
+    """Delete the periodic checkpoints (``checkpoints/step_*``) older than the newest ``keep_last`` complete ones.
+
+    Only complete checkpoints (by their manifest's file sizes) count towards ``keep_last``, so the newest complete
+    checkpoint is never deleted; incomplete ones newer than the kept ones are left alone. ``final/`` is never touched.
+
+    Returns:
+        The deleted folders.
+    """
+    kept, deleted = 0, []
+    for directory in sorted((run_dir / "checkpoints").glob(f"{STEP_PREFIX}*"), key=_step_of, reverse=True):
+        if kept >= keep_last:
+            shutil.rmtree(directory)
+            deleted.append(directory)
+        elif checkpoint_problem(directory, hashes=False) is None:
+            kept += 1
+    return deleted
+
+
+def remove_staging(run_dir: Path) -> None:
+    """Delete the half-written temporary folders a killed run may have left in ``checkpoints/`` and the run dir."""
+    for parent in (run_dir / "checkpoints", run_dir):
+        for leftover in parent.glob(".*.tmp"):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
 
 
 def load_training_state(directory: Path) -> dict[str, Any]:

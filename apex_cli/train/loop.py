@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import signal
 import threading
 import time
@@ -30,18 +31,22 @@ from apex_cli.train.checkpoint import (
     FINAL,
     SHIPPED_PREFIX,
     atomic_write_text,
+    checkpoint_problem,
     latest_checkpoint,
     load_as_base,
     load_training_state,
     load_weights,
     read_checkpoint,
     read_weights,
+    remove_staging,
     resolve_checkpoint,
+    rotate_checkpoints,
     save_checkpoint,
     weights_sha256,
     weights_stem,
 )
 from apex_cli.train.ema import EMA
+from apex_cli.train.guards import CollapseMonitor, NonFiniteGuard
 from apex_cli.train.tasks import build_task
 
 
@@ -83,6 +88,9 @@ def objective_settings(recipe: Recipe) -> ObjectiveSettings:
 RESUMABLE_CHANGES = (
     "train.steps",
     "train.checkpoint_every",
+    "train.keep_last",
+    "train.max_nonfinite_steps",
+    "monitor.",  # what is watched and when it warns, not what is trained
     "hardware.num_threads",
     "output.evaluate",
     "output.eval_samples",
@@ -102,6 +110,10 @@ def run_distillation(
 ) -> RunResult:
     """Train the recipe's model and write checkpoints, metrics and the report into ``output.dir``.
 
+    Every step appends one line to ``metrics.jsonl`` (loss terms, grad norm, lr, images/s, and on CUDA the peak
+    memory; on monitoring steps the collapse monitor's values). A step whose loss or gradient is not finite is
+    skipped (no update) and logged; ``train.max_nonfinite_steps`` of them in a row stop the run (TrainingError).
+
     Args:
         recipe: The resolved recipe.
         overwrite: Replace a finished run in ``output.dir``.
@@ -118,6 +130,7 @@ def run_distillation(
         )
     recipe_yaml = dump_recipe(recipe)
     atomic_write_text(run_dir / "config.yaml", recipe_yaml)
+    remove_staging(run_dir)  # half-written checkpoints of a killed run
     device = _device(recipe.hardware.device)
     if recipe.hardware.num_threads:
         torch.set_num_threads(recipe.hardware.num_threads)
@@ -149,51 +162,81 @@ def run_distillation(
     optimizer = torch.optim.AdamW(trainable, lr=train.lr, betas=train.betas, weight_decay=train.weight_decay)
     warmup = max(train.warmup_steps, 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+    guard = NonFiniteGuard(recipe)
+    monitor = CollapseMonitor(recipe.monitor) if kind == "student" else None
     first_step = 1
     if resume:
-        first_step = _resume(recipe, run_dir, resume, force, model, ema, optimizer, scheduler, meta, console) + 1
+        state = _resume(recipe, run_dir, resume, force, model, ema, optimizer, scheduler, meta, console)
+        first_step = state["step"] + 1
+        guard.total, guard.in_a_row = state.get("nonfinite_steps", 0), state.get("nonfinite_in_a_row", 0)
     batches = task.batches(model, train.batch_size, train.seed, device, first_step - 1)
     precision = resolve_precision(recipe.hardware.precision, device, console)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
     log_path = run_dir / "metrics.jsonl"
-    if first_step == 1:
-        log_path.unlink(missing_ok=True)
+    _truncate_log(log_path, first_step - 1)  # a resumed run logs the repeated steps once
+
+    def save_periodic(step: int) -> Path:
+        """``checkpoints/step_<step>``, then the oldest ones beyond ``train.keep_last`` are deleted."""
+        state = _training_state(optimizer, scheduler, ema, guard, step)
+        saved = _save(run_dir / "checkpoints" / f"step_{step:07d}", recipe_yaml, model, ema, meta, state)
+        if train.keep_last:
+            rotate_checkpoints(run_dir, train.keep_last)
+        return saved
 
     start = time.perf_counter()
     with _progress(console) as progress, log_path.open("a", buffering=1) as log, _stop_signals() as stop:
         task_id = progress.add_task(f"{kind} {recipe.name}", total=train.steps, completed=first_step - 1, loss="")
         for step in range(first_step, train.steps + 1):
+            step_start = time.perf_counter()
             x_data, cond = next(batches)
             with autocast:
                 out = apex_loss(models, x_data, cond, model.unconditional(x_data.shape[0], device), settings, shift)
             optimizer.zero_grad(set_to_none=True)
             out.total.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, train.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            if ema is not None:
-                ema.update(model)
-            if step % 10 == 0 or step == train.steps:  # .item() syncs: only on logging steps
-                record = {k: round(float(v), 6) for k, v in out.terms.items()}
-                record.update(step=step, lr=scheduler.get_last_lr()[0], grad_norm=round(float(grad_norm), 4))
-                record["seconds"] = round(time.perf_counter() - start, 3)
-                log.write(json.dumps(record) + "\n")
-                progress.update(task_id, loss=f"loss {record['total']:.4f}")
+            # One sync a step: the logged values, which also decide whether the step may update the weights.
+            values = torch.stack([*(v.float() for v in out.terms.values()), grad_norm.float()]).tolist()
+            record: dict[str, Any] = {k: _finite(v, 6) for k, v in zip([*out.terms, "grad_norm"], values, strict=True)}
+            skipped = guard.check(record["total"], record["grad_norm"])
+            if skipped is None:
+                optimizer.step()
+                scheduler.step()
+                if ema is not None:
+                    ema.update(model)
+            record.update(step=step, lr=scheduler.get_last_lr()[0])
+            record["images_per_second"] = round(x_data.shape[0] / (time.perf_counter() - step_start), 2)
+            if device.type == "cuda":
+                record["peak_memory_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
+            if skipped is not None:
+                record.update(skipped=f"non-finite {skipped}", nonfinite_steps=guard.total)
+                console.print(
+                    f"[yellow]Warning:[/] step {step}: non-finite {skipped}, step skipped (weights unchanged); "
+                    f"{guard.in_a_row} in a row, {guard.total} so far"
+                )
+            if monitor is not None and monitor.due(step):
+                record.update(monitor.measure(model, x_data, cond, step, autocast))
+                warning = monitor.warning(record, step)
+                if warning is not None:
+                    record["warning"] = "collapse"
+                    console.print(f"[yellow]Warning:[/] {warning}")
+            record["seconds"] = round(time.perf_counter() - start, 3)
+            log.write(json.dumps(record) + "\n")
+            guard.raise_if_exceeded(step)
+            loss = "non-finite" if record["total"] is None else f"{record['total']:.4f}"
+            progress.update(task_id, loss=f"loss {loss}")
             progress.advance(task_id)
             if not console.is_terminal and step % max(train.steps // 10, 1) == 0:  # no live bar: plain lines
-                console.print(f"{kind} {recipe.name}: step {step}/{train.steps}, {float(out.terms['total']):.4f} loss")
+                console.print(f"{kind} {recipe.name}: step {step}/{train.steps}, {loss} loss")
             if stop.signal is not None and step < train.steps:  # SIGINT / SIGTERM: save, then stop
-                state = _training_state(optimizer, scheduler, ema, step)
-                saved = _save(run_dir / "checkpoints" / f"step_{step:07d}", recipe_yaml, model, ema, meta, state)
+                saved = save_periodic(step)
                 raise RunInterruptedError(
                     f"stopped by {signal.Signals(stop.signal).name} after step {step}; checkpoint saved to {saved}",
                     hint="run the same command with --resume to continue exactly from there",
                 )
             if train.checkpoint_every and step % train.checkpoint_every == 0 and step < train.steps:
-                state = _training_state(optimizer, scheduler, ema, step)
-                _save(run_dir / "checkpoints" / f"step_{step:07d}", recipe_yaml, model, ema, meta, state)
+                save_periodic(step)
     train_seconds = time.perf_counter() - start
-    state = _training_state(optimizer, scheduler, ema, train.steps)
+    state = _training_state(optimizer, scheduler, ema, guard, train.steps)
     checkpoint = _save(run_dir / FINAL, recipe_yaml, model, ema, meta, state)
 
     metrics: dict[str, Any] = {}
@@ -268,13 +311,35 @@ def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return model.trainable_state_dict() if getattr(model, "has_lora", False) else model.state_dict()  # type: ignore[operator]
 
 
-def _training_state(optimizer: torch.optim.Optimizer, scheduler: Any, ema: EMA | None, step: int) -> dict[str, Any]:
+def _finite(value: float, digits: int) -> float | None:
+    """A logged number: rounded, or None (JSON null) when it is NaN or infinite."""
+    return round(value, digits) if math.isfinite(value) else None
+
+
+def _truncate_log(log_path: Path, last_step: int) -> None:
+    """Keep the records of steps up to ``last_step`` (none for a fresh run); drop a line cut short by a kill."""
+    if last_step == 0 or not log_path.is_file():
+        log_path.unlink(missing_ok=True)
+        return
+    kept = []
+    for line in log_path.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            if json.loads(line)["step"] <= last_step:
+                kept.append(line + "\n")
+    atomic_write_text(log_path, "".join(kept))
+
+
+def _training_state(
+    optimizer: torch.optim.Optimizer, scheduler: Any, ema: EMA | None, guard: NonFiniteGuard, step: int
+) -> dict[str, Any]:
     state = {
         "step": step,
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "ema_decay": ema.current_decay if ema is not None else None,
         "torch_rng": torch.get_rng_state(),
+        "nonfinite_steps": guard.total,
+        "nonfinite_in_a_row": guard.in_a_row,
     }
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
@@ -292,14 +357,36 @@ def _resume(
     scheduler: Any,
     meta: dict[str, Any],
     console: Console,
-) -> int:
-    """Load the weights and training state of a checkpoint; return the step it was taken at.
+) -> dict[str, Any]:
+    """Load the weights and training state of a checkpoint; return that state (``state["step"]``: where it was).
 
-    A LoRA run's ``model`` (and EMA) already hold the base and fresh adapters: only the saved adapters are loaded.
+    ``resume=True`` takes the newest complete checkpoint of the run, skipping (and naming) any that does not match
+    its manifest; an explicit checkpoint that does not match is refused. A LoRA run's ``model`` (and EMA) already
+    hold the base and fresh adapters: only the saved adapters are loaded.
     """
-    directory = latest_checkpoint(run_dir) if resume is True else resolve_checkpoint(str(resume))
-    if directory is None:
-        raise CheckpointError(f"--resume: {run_dir} has no checkpoint yet", hint="start the run without --resume")
+    if resume is True:
+        skipped: list[Path] = []
+
+        def skip(path: Path, problem: str) -> None:
+            skipped.append(path)
+            console.print(f"[yellow]Warning:[/] skipping checkpoint {path}: {problem}")
+
+        directory = latest_checkpoint(run_dir, on_skip=skip)
+        if directory is None and skipped:
+            raise CheckpointError(
+                f"--resume: {run_dir} has no complete checkpoint ({len(skipped)} incomplete or corrupt)",
+                hint="start the run again without --resume (add --overwrite if it had finished)",
+            )
+        if directory is None:
+            raise CheckpointError(f"--resume: {run_dir} has no checkpoint yet", hint="start the run without --resume")
+    else:
+        directory = resolve_checkpoint(str(resume))
+        problem = checkpoint_problem(directory)
+        if problem is not None:
+            raise CheckpointError(
+                f"checkpoint {directory} is incomplete or corrupt: {problem}",
+                hint="resume from an earlier checkpoint, or use --resume alone to take the run's newest complete one",
+            )
     _, saved, saved_meta = read_checkpoint(directory)
     differences = _differences(saved.model_dump(mode="json"), recipe.model_dump(mode="json"))
     blocking = [d for d in differences if not d.startswith(RESUMABLE_CHANGES)]
@@ -335,7 +422,7 @@ def _resume(
     if "cuda_rng" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     console.print(f"Resuming from {directory} (step {state['step']}).")
-    return int(state["step"])
+    return state
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
