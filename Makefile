@@ -15,12 +15,18 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@echo "installing torch (the largest download; pip shows its progress) ..."
+	$(BIN)/python -m pip install --progress-bar on $(TORCH_SPEC)
+	@echo "installing apex and its dependencies ..."
+	$(BIN)/python -m pip install --progress-bar on -e '.[test]'
 	touch $(STAMP)
 
+# The demo distils the shipped shapes teacher with the shapes-apex-cpu recipe, on a shorter budget than the
+# recipe's own (DEMO_STEPS), and prints the report table; runs/demo/samples.png is the sample grid.
+DEMO_STEPS ?= 100
+
 demo: $(STAMP)
-	$(BIN)/apex distill --recipe toy2d-apex --overwrite
+	$(BIN)/apex distill --recipe shapes-apex-cpu --set train.steps=$(DEMO_STEPS) --set output.dir=runs/demo --overwrite
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest

@@ -2,12 +2,15 @@
 
     python bench/ship_teacher.py runs/shapes-teacher-cpu                    # its final/ (or latest) checkpoint
     python bench/ship_teacher.py runs/shapes-teacher-cpu --checkpoint runs/shapes-teacher-cpu/checkpoints/step_0005000
+    python bench/ship_teacher.py runs/shapes-teacher-cpu --suite quick      # the card on the 60-prompt quick suite
 
 It scores the checkpoint on the full GenEval-shapes suite (4 images a prompt, seed 0) at 50 / 4 / 1 Euler steps
-with `apex eval geneval` (resumable: an interrupted evaluation continues where it stopped), reads the training
+with `apex eval geneval` (resumable: an interrupted evaluation continues where it stopped; with `--suite quick`
+the report rows below are the card's scores), reads the training
 time from the run's metrics.jsonl, and writes, atomically: model.safetensors (the EMA weights), recipe.yaml (the
 run's recipe with train.steps = the checkpoint's step, so the command on the card reproduces exactly these
-weights), meta.json, scores.json and CARD.md.
+weights), meta.json, scores.json, CARD.md and report-teacher.json (the teacher rows of the distillation report,
+quick suite, so `make demo` need not sample the teacher at 50 guided steps again).
 """
 
 from __future__ import annotations
@@ -25,12 +28,22 @@ import time
 from pathlib import Path
 
 import yaml
+from rich.console import Console
 
 from apex_cli import __version__
 from apex_cli.config import dump_recipe, validate_recipe
+from apex_cli.data.shapes import QUICK_COUNTS
 from apex_cli.train.checkpoint import SHIPPED_DIR, latest_checkpoint, read_checkpoint, weights_stem
+from apex_cli.train.shapes import write_teacher_report
 
 NFES = (50, 4, 1)
+PROMPTS = {"full": "shapes", "quick": "shapes-quick"}
+SUITES = {
+    "full": "Full suite (553 prompts)",
+    "quick": "Quick suite (60 prompts, 10 a task; the full suite, 553 prompts, was not measured for this card: at"
+    " 50 guided steps it takes over an hour on these 2 cores; `python bench/ship_teacher.py RUN --suite full` does it,"
+    " resumably)",
+}
 TASK_ORDER = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 
 
@@ -55,7 +68,7 @@ def training_seconds(metrics_jsonl: Path, last_step: int) -> tuple[float, float]
 
 
 def evaluate(checkpoint: Path, out: Path, threads: int) -> dict[str, dict]:
-    """GenEval-shapes, full suite, 4 images a prompt, at 50 / 4 / 1 steps: ``apex eval geneval --json``."""
+    """GenEval-shapes, full suite, 4 images a prompt, at 50 / 4 / 1 steps: ``apex eval geneval --json`` (resumable)."""
     command = [
         sys.executable,
         "-m",
@@ -81,7 +94,9 @@ def evaluate(checkpoint: Path, out: Path, threads: int) -> dict[str, dict]:
     return json.loads(result.stdout)["scores"]
 
 
-def card(name: str, recipe_name: str, step: int, seed: int, seconds: float, excluded: float, scores: dict) -> str:
+def card(
+    name: str, recipe_name: str, step: int, seed: int, seconds: float, excluded: float, scores: dict, suite: str
+) -> str:
     rows = []
     for nfe in NFES:
         summary = scores[f"NFE {nfe}"]
@@ -110,8 +125,9 @@ of pauses and CPU sharing left out).
 
 ## GenEval-shapes
 
-Full suite, {images} images per NFE (4 a prompt, seed 0), Euler steps, guidance
-{scores.get("guidance", 0.0)}, the exact shapes detector (`apex eval geneval --ckpt shipped:{name} --nfe 50,4,1`):
+{SUITES[suite]}: {images} images per NFE (4 a prompt, seed 0), Euler steps, guidance
+{scores.get("guidance", 0.0)}, the exact shapes detector
+(`apex eval geneval --ckpt shipped:{name} --nfe 50,4,1 --prompts {PROMPTS[suite]} --n 4`):
 
 | NFE | overall | {header} |
 |---|---|{"---|" * len(TASK_ORDER)}
@@ -131,6 +147,9 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, help="a checkpoint of the run (default: final/ or the latest)")
     parser.add_argument("--name", default="shapes-teacher")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--suite", choices=("full", "quick"), default="full", help="the card's GenEval-shapes suite (default: full)"
+    )
     args = parser.parse_args()
 
     checkpoint = args.checkpoint or latest_checkpoint(args.run)
@@ -141,10 +160,7 @@ def main() -> None:
         sys.exit(f"error: {directory} is a {meta.get('kind')} checkpoint, not a teacher")
     step = int(meta["step"])
     start = time.perf_counter()
-    scores = evaluate(directory, args.run / "ship-geneval" / directory.name, args.threads)
-    scores["guidance"] = recipe.sampler.guidance
     seconds, excluded = training_seconds(args.run / "metrics.jsonl", step)
-
     raw = yaml.safe_load((directory / "recipe.yaml").read_text())
     raw["train"]["steps"] = step
     shipped_recipe = validate_recipe(raw, str(directory / "recipe.yaml"), [])
@@ -156,16 +172,32 @@ def main() -> None:
         shutil.copyfile(directory / f"{weights_stem(directory)}.safetensors", staging / "model.safetensors")
         (staging / "recipe.yaml").write_text(dump_recipe(shipped_recipe))
         (staging / "meta.json").write_text(json.dumps({**meta, "step": step, "kind": "teacher"}, indent=2) + "\n")
+        print("measuring the teacher rows of the shapes distillation report (quick suite) ...", file=sys.stderr)
+        rows = json.loads(write_teacher_report(staging, Console(stderr=True)).read_text())["rows"]
+        if args.suite == "full":
+            scores = evaluate(directory, args.run / "ship-geneval" / directory.name, args.threads)
+        else:  # the report rows are the quick suite at 4 images a prompt
+            images = sum(QUICK_COUNTS.values()) * 4
+            scores = {
+                f"NFE {nfe}": {
+                    "overall": rows[f"teacher_{nfe}"]["overall"],
+                    "tasks": {t: {"accuracy": a} for t, a in rows[f"teacher_{nfe}"]["tasks"].items()},
+                    "total_images": images,
+                    "fid": rows[f"teacher_{nfe}"]["fid"],
+                }
+                for nfe in NFES
+            }
+        scores.update(guidance=recipe.sampler.guidance, suite=args.suite)
         (staging / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
         (staging / "CARD.md").write_text(
-            card(args.name, recipe.name, step, recipe.train.seed, seconds, excluded, scores)
+            card(args.name, recipe.name, step, recipe.train.seed, seconds, excluded, scores, args.suite)
         )
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)
     print(f"shipped {directory} (step {step}) as {target} in {time.perf_counter() - start:.0f} s")
     for nfe in NFES:
-        print(f"  GenEval-shapes at NFE {nfe}: {scores[f'NFE {nfe}']['overall']:.3f}")
+        print(f"  GenEval-shapes ({args.suite} suite) at NFE {nfe}: {scores[f'NFE {nfe}']['overall']:.3f}")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ REPORT_BATCH = 240  # images a forward batch
 REPORT_FID_REFERENCE = 2000  # renderer images behind the FID reference statistics
 TEACHER_REPORT_NFE = (50, 4, 1)
 REPORT_COUNTS = shapes.QUICK_COUNTS  # prompts a task: the quick suite, 60 prompts
+TEACHER_REPORT_CACHE = "report-teacher.json"  # the teacher's report rows, next to its weights
 
 
 @dataclass
@@ -81,16 +82,41 @@ class ShapesTask:
         Sets: the renderer itself (the ceiling of both metrics at this sample size), the teacher at NFE 50 / 4 / 1
         (Euler, the teacher's guidance) and, for a distillation run, the student at NFE 1 / 2 / 4 (its recipe's
         sampler). Also writes ``samples.png``: one row per GenEval task, columns teacher 50, teacher 1, student 1.
+        A distillation run reuses the teacher rows stored beside its weights when they match (``report-teacher.json``,
+        see :func:`write_teacher_report`): they depend only on the teacher, suite, seeds and guidance.
         """
-        from apex_cli.eval.fid import compute_fid, shapes_reference
-
         guidance = self.teacher_guidance()
         sets: dict[str, tuple[nn.Module, SamplerSettings]] = {
             f"teacher_{nfe}": (teacher, replace(TEACHER_MULTI_STEP, nfe=nfe, guidance=guidance))
             for nfe in TEACHER_REPORT_NFE
         }
+        cached = self._cached_teacher_rows(guidance) if student is not None else {}
         if student is not None:
             sets.update({f"student_{nfe}": (student, sampler_settings(self.recipe.sampler, nfe)) for nfe in (1, 2, 4)})
+        measured = self.measure(run_dir, {k: v for k, v in sets.items() if k not in cached}, console)
+        results = {"renderer": measured.pop("renderer"), **cached, **measured}
+        results = {name: results[name] for name in ("renderer", *sets)}
+        grid = run_dir / "samples.png"
+        _grid(grid, {k: v for k, v in sets.items() if k in ("teacher_50", "teacher_1", "student_1")})
+        metrics: dict[str, Any] = {
+            "geneval": results,
+            "suite": f"GenEval-shapes, {sum(REPORT_COUNTS.values())} prompts x {REPORT_IMAGES_PER_PROMPT} images",
+            "fid_reference": f"renderer, {REPORT_FID_REFERENCE} images (shapes features)",
+            "teacher_guidance": guidance,
+            "outputs": {"metrics": str(run_dir / "metrics.json"), "samples": str(grid)},
+        }
+        atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
+        return metrics
+
+    def measure(
+        self, run_dir: Path, sets: dict[str, tuple[nn.Module, SamplerSettings]], console: Console | None = None
+    ) -> dict[str, dict[str, Any]]:
+        """Report rows (GenEval-shapes overall and per task, FID, images/s) for the renderer and each sample set.
+
+        Images go to ``run_dir/geneval/<set>/``; a set's folder is cleared first, so its timing is always fresh.
+        """
+        from apex_cli.eval.fid import compute_fid, shapes_reference
+
         rows = shapes.prompt_suite(seed=0, counts=REPORT_COUNTS)
         size = self.recipe.data.image_size  # type: ignore[union-attr]
         reference = shapes_reference(seed=0, n_images=REPORT_FID_REFERENCE, image_size_px=size)
@@ -123,17 +149,41 @@ class ShapesTask:
                 fid = compute_fid(folder, reference, features="shapes")
                 results[name].update(_compact(summary), fid=round(fid.fid, 3))
                 progress.advance(bar)
-        grid = run_dir / "samples.png"
-        _grid(grid, {k: v for k, v in sets.items() if k in ("teacher_50", "teacher_1", "student_1")})
-        metrics: dict[str, Any] = {
-            "geneval": results,
-            "suite": f"GenEval-shapes, {len(rows)} prompts x {REPORT_IMAGES_PER_PROMPT} images",
-            "fid_reference": f"{reference.name} (shapes features)",
-            "teacher_guidance": guidance,
-            "outputs": {"metrics": str(run_dir / "metrics.json"), "samples": str(grid)},
+        return results
+
+    def teacher_report_key(self, checkpoint: Path, guidance: float) -> dict[str, Any]:
+        """What the teacher's report rows depend on: its weights, the suite, the seeds, guidance and FID reference."""
+        from apex_cli.train.checkpoint import weights_sha256, weights_stem
+
+        return {
+            "weights_sha256": weights_sha256(checkpoint, weights_stem(checkpoint)),
+            "suite_counts": dict(REPORT_COUNTS),
+            "images_per_prompt": REPORT_IMAGES_PER_PROMPT,
+            "seed": REPORT_SEED,
+            "nfe": list(TEACHER_REPORT_NFE),
+            "guidance": guidance,
+            "fid_reference": REPORT_FID_REFERENCE,
+            "image_size": self.recipe.data.image_size,  # type: ignore[union-attr]
         }
-        atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
-        return metrics
+
+    def _cached_teacher_rows(self, guidance: float) -> dict[str, dict[str, Any]]:
+        """The teacher's rows measured when it was shipped (``report-teacher.json`` beside its weights), if that file
+        was measured on exactly this teacher, suite, seeds, guidance and FID reference; else ``{}`` (measure them).
+
+        Sampling the teacher at 50 guided steps is most of a report's time, and its rows only depend on the key.
+        """
+        from apex_cli.train.checkpoint import resolve_checkpoint
+
+        if self.recipe.model.init is None:
+            return {}
+        checkpoint = resolve_checkpoint(self.recipe.model.init)
+        path = checkpoint / TEACHER_REPORT_CACHE
+        if not path.is_file():
+            return {}
+        cache = json.loads(path.read_text())
+        if cache.get("key") != self.teacher_report_key(checkpoint, guidance):
+            return {}
+        return {name: {**row, "cached": str(path)} for name, row in cache["rows"].items()}
 
     def teacher_guidance(self) -> float:
         """The classifier-free guidance the teacher samples with: its own recipe's ``sampler.guidance``."""
@@ -146,7 +196,9 @@ class ShapesTask:
 
     def summary_table(self, metrics: dict[str, Any]) -> Table:
         """GenEval-shapes overall and per task, FID and images per second for each sample set."""
-        table = Table(title=f"{self.recipe.name}: {metrics['suite']}; FID vs {metrics['fid_reference']}")
+        table = Table(
+            caption_justify="left", title=f"{self.recipe.name}: {metrics['suite']}; FID vs {metrics['fid_reference']}"
+        )
         tasks = list(shapes.TASKS)
         table.add_column("samples")
         table.add_column("GenEval", justify="right")
@@ -154,10 +206,14 @@ class ShapesTask:
             table.add_column(SHORT_TASK_NAMES.get(task, task), justify="right")
         table.add_column("FID", justify="right")
         table.add_column("img/s", justify="right")
+        cached = sorted({score["cached"] for score in metrics["geneval"].values() if "cached" in score})
+        if cached:
+            table.caption = f"* measured when the teacher was shipped, same suite, seeds and code: {', '.join(cached)}"
         for name, score in metrics["geneval"].items():
             speed = score.get("images_per_second")
+            label = name.replace("_", ", NFE ") if name != "renderer" else "renderer (ceiling)"
             table.add_row(
-                name.replace("_", ", NFE ") if name != "renderer" else "renderer (ceiling)",
+                label + (" *" if "cached" in score else ""),
                 f"{score['overall']:.3f}",
                 *(f"{score['tasks'][t]:.2f}" for t in tasks),
                 f"{score['fid']:.2f}",
@@ -216,3 +272,30 @@ def _grid(path: Path, sets: dict[str, tuple[nn.Module, SamplerSettings]]) -> Non
     tmp = path.with_name(f".{path.name}.tmp.png")
     Image.fromarray(image).save(tmp)
     tmp.replace(path)
+
+
+def write_teacher_report(checkpoint: str | Path, console: Console | None = None) -> Path:
+    """Measure a shapes teacher's report rows (NFE 50 / 4 / 1 with its guidance) and store them beside its weights
+    as ``report-teacher.json``, keyed by :meth:`ShapesTask.teacher_report_key`; distillation reports reuse them.
+    """
+    import tempfile
+
+    from apex_cli import __version__
+    from apex_cli.train.checkpoint import load_as_base, read_checkpoint
+
+    directory, recipe, _ = read_checkpoint(checkpoint)
+    task = ShapesTask(recipe)
+    model = task.build_model()
+    load_as_base(model, directory)  # exactly the teacher a distillation run reports
+    model.eval()
+    guidance = recipe.sampler.guidance
+    sets = {
+        f"teacher_{nfe}": (model, replace(TEACHER_MULTI_STEP, nfe=nfe, guidance=guidance)) for nfe in TEACHER_REPORT_NFE
+    }
+    with tempfile.TemporaryDirectory(prefix="apex-teacher-report-") as tmp:
+        rows = task.measure(Path(tmp), sets, console)
+    rows.pop("renderer")
+    path = directory / TEACHER_REPORT_CACHE
+    cache = {"key": task.teacher_report_key(directory, guidance), "rows": rows, "apex": __version__}
+    atomic_write_text(path, json.dumps(cache, indent=2) + "\n")
+    return path

@@ -8,6 +8,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from apex_cli.cli.app import app
+from apex_cli.config import load_recipe
 from apex_cli.data.shapes import TASKS
 from apex_cli.train import shapes as report
 
@@ -79,3 +80,36 @@ def test_student_report_adds_nfe_1_2_4_and_a_grid_of_teacher_and_student(runs) -
         assert line in result.stdout
     grid = np.asarray(Image.open(root / "student" / "samples.png"))
     assert grid.shape == (len(TASKS) * 32, 3 * 4 * 32, 3)  # a row per task; teacher 50, teacher 1, student 1
+
+
+def test_a_student_report_reuses_the_teacher_rows_stored_beside_its_weights(runs) -> None:
+    root, _, _ = runs
+    cache = report.write_teacher_report(root / "teacher")
+    assert cache == root / "teacher" / "final" / report.TEACHER_REPORT_CACHE
+    result = _distill("shapes-apex-cpu", root / "student-cached", f"model.init={root / 'teacher'}")
+    fresh = json.loads((root / "student" / "metrics.json").read_text())["geneval"]
+    reused = json.loads((root / "student-cached" / "metrics.json").read_text())["geneval"]
+    for name in ("teacher_50", "teacher_4", "teacher_1"):
+        assert reused[name]["cached"] == str(cache)
+        # The stored rows are what a fresh measurement gives (the timing aside).
+        assert (reused[name]["overall"], reused[name]["tasks"], reused[name]["fid"]) == (
+            fresh[name]["overall"],
+            fresh[name]["tasks"],
+            fresh[name]["fid"],
+        )
+        assert not (root / "student-cached" / "geneval" / name).exists()  # not sampled again
+    assert "teacher, NFE 50 *" in result.stdout and "measured when the teacher was shipped" in result.stdout
+    assert (root / "student-cached" / "samples.png").is_file()  # the grid still shows teacher samples
+
+
+def test_stored_teacher_rows_are_ignored_when_their_key_differs(runs) -> None:
+    root, _, _ = runs
+    cache = report.write_teacher_report(root / "teacher")
+    task = report.ShapesTask(load_recipe("shapes-apex-cpu", [f"model.init={root / 'teacher'}"]))
+    guidance = task.teacher_guidance()
+    assert set(task._cached_teacher_rows(guidance)) == {"teacher_50", "teacher_4", "teacher_1"}
+    assert task._cached_teacher_rows(guidance + 1.0) == {}  # other guidance
+    stored = json.loads(cache.read_text())
+    stored["key"]["weights_sha256"] = "0" * 64  # other weights
+    cache.write_text(json.dumps(stored))
+    assert task._cached_teacher_rows(guidance) == {}
