@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -28,7 +29,13 @@ from apex_cli.models.shapes import ShapesModel, images_to_tensor
 from apex_cli.train.checkpoint import atomic_write_text
 from apex_cli.train.sampling import TEACHER_MULTI_STEP, sampler_settings
 
-SHORT_TASK_NAMES = {"single_object": "single", "two_object": "two", "counting": "count", "color_attr": "attr"}
+SHORT_TASK_NAMES = {
+    "single_object": "single",
+    "two_object": "two",
+    "counting": "count",
+    "position": "pos",
+    "color_attr": "attr",
+}
 REPORT_SEED = 0
 REPORT_IMAGES_PER_PROMPT = 4  # GenEval's protocol
 REPORT_BATCH = 240  # images a forward batch
@@ -196,27 +203,36 @@ class ShapesTask:
 
     def summary_table(self, metrics: dict[str, Any]) -> Table:
         """GenEval-shapes overall and per task, FID and images per second for each sample set."""
-        table = Table(
-            caption_justify="left", title=f"{self.recipe.name}: {metrics['suite']}; FID vs {metrics['fid_reference']}"
+        table = Table(  # fits 80 columns
+            box=box.SIMPLE_HEAD,
+            collapse_padding=True,
+            pad_edge=False,
+            caption_justify="left",
+            title=f"{self.recipe.name}: {metrics['suite']}; FID vs {metrics['fid_reference']}",
         )
         tasks = list(shapes.TASKS)
-        table.add_column("samples")
+        table.add_column("samples", no_wrap=True)
+        table.add_column("NFE", no_wrap=True)
         table.add_column("GenEval", justify="right")
         for task in tasks:
             table.add_column(SHORT_TASK_NAMES.get(task, task), justify="right")
         table.add_column("FID", justify="right")
         table.add_column("img/s", justify="right")
         cached = sorted({score["cached"] for score in metrics["geneval"].values() if "cached" in score})
+        table.caption = "renderer: the scene renderer itself, the ceiling of both metrics at this sample size"
         if cached:
-            table.caption = f"* measured when the teacher was shipped, same suite, seeds and code: {', '.join(cached)}"
+            table.caption += (
+                f"\n* measured when the teacher was shipped, same suite, seeds and code: {', '.join(cached)}"
+            )
         for name, score in metrics["geneval"].items():
             speed = score.get("images_per_second")
-            label = name.replace("_", ", NFE ") if name != "renderer" else "renderer (ceiling)"
+            sampler, _, nfe = name.partition("_")
             table.add_row(
-                label + (" *" if "cached" in score else ""),
+                sampler,
+                nfe + (" *" if "cached" in score else ""),
                 f"{score['overall']:.3f}",
                 *(f"{score['tasks'][t]:.2f}" for t in tasks),
-                f"{score['fid']:.2f}",
+                f"{score['fid']:.1f}",
                 "-" if speed is None else f"{speed:.1f}",
             )
         return table
