@@ -100,9 +100,8 @@ class ShapesTask:
         cached = self._cached_teacher_rows(guidance) if student is not None else {}
         if student is not None:
             sets.update({f"student_{nfe}": (student, sampler_settings(self.recipe.sampler, nfe)) for nfe in (1, 2, 4)})
-        measured = self.measure(run_dir, {k: v for k, v in sets.items() if k not in cached}, console)
-        results = {"renderer": measured.pop("renderer"), **cached, **measured}
-        results = {name: results[name] for name in ("renderer", *sets)}
+        rows = {**cached, **self.measure(run_dir, {k: v for k, v in sets.items() if k not in cached}, console)}
+        results = {name: rows[name] for name in ("renderer", *sets)}
         grid = run_dir / "samples.png"
         _grid(grid, {k: v for k, v in sets.items() if k in ("teacher_50", "teacher_1", "student_1")})
         metrics: dict[str, Any] = {
