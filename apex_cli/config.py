@@ -67,6 +67,55 @@ its ``time_emb_proj`` (where the (t, r) embedding enters each block), and the do
 """
 
 
+DIFFUSERS_FAMILIES = ("qwen-image", "sana", "sd3", "flux")
+"""The diffusers pipelines apex distills: QwenImagePipeline, SanaPipeline, StableDiffusion3Pipeline, FluxPipeline."""
+_DUAL_STREAM_ATTENTION = (
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+)
+DIFFUSERS_LORA_TARGETS: dict[str, tuple[str, ...]] = {
+    # The released APEX Qwen-Image LoRA configs: attention and MLP projections of both streams.
+    "qwen-image": (
+        *_DUAL_STREAM_ATTENTION,
+        "img_mlp.net.0.proj",
+        "img_mlp.net.2",
+        "txt_mlp.net.0.proj",
+        "txt_mlp.net.2",
+    ),
+    # Linear self-attention, cross-attention and the 1x1 convolutions of the GLUMBConv feed-forward.
+    "sana": (
+        "attn1.to_q",
+        "attn1.to_k",
+        "attn1.to_v",
+        "attn1.to_out.0",
+        "attn2.to_q",
+        "attn2.to_k",
+        "attn2.to_v",
+        "attn2.to_out.0",
+        "ff.conv_inverted",
+        "ff.conv_point",
+    ),
+    # diffusers' SD3 / FLUX DreamBooth-LoRA lists (both streams' attention and MLPs); FLUX adds the MLP of its
+    # single-stream blocks (proj_mlp; their proj_out is left out, the name also matches the final output layer).
+    "sd3": (*_DUAL_STREAM_ATTENTION, "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"),
+    "flux": (
+        *_DUAL_STREAM_ATTENTION,
+        "ff.net.0.proj",
+        "ff.net.2",
+        "ff_context.net.0.proj",
+        "ff_context.net.2",
+        "proj_mlp",
+    ),
+}
+"""Default LoRA targets (module-name suffixes of the transformer) of each diffusers family."""
+
+
 class LoraConfig(_Section):
     """Low-rank adapters (peft LoRA) on the frozen ``model.init``; the E4a target-time embedder trains in full."""
 
@@ -107,6 +156,77 @@ class ShapesModelConfig(_Section):
                 "(a run or checkpoint directory, or shipped:<name>) or remove model.lora for full training"
             )
         return lora
+
+
+class DiffusersLoraConfig(_Section):
+    """peft LoRA on the frozen transformer of a diffusers teacher; the E4a target-time embedder trains in full."""
+
+    rank: int = Field(64, ge=1, description="rank of every adapter (64: the released APEX Qwen-Image LoRA configs)")
+    alpha: float | None = Field(None, gt=0, description="LoRA alpha; null = rank (update scale 1)")
+    target_modules: tuple[str, ...] = Field(
+        min_length=1,
+        description="module names (or dotted suffixes) of the transformer that get adapters; when left out, the "
+        "family's default: attention and MLP projections of both streams (DIFFUSERS_LORA_TARGETS)",
+    )
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapters' input")
+    init: Literal["default", "gaussian"] = Field(
+        "default", description="peft init_lora_weights of A (Kaiming-uniform or normal); B = 0 either way"
+    )
+
+
+TINY_DIFFUSERS_MODELS = tuple(f"tiny-{family}" for family in DIFFUSERS_FAMILIES)
+DIFFUSERS_MODEL_NAMES = (*DIFFUSERS_FAMILIES, *TINY_DIFFUSERS_MODELS)
+
+
+class DiffusersModelConfig(_Section):
+    """A diffusers flow-matching teacher: Qwen-Image, SANA, SD3 or FLUX from ``path`` (a local folder or a hub id),
+    or ``tiny-<family>``, the family's tiny random pipeline built offline (for tests and smoke runs)."""
+
+    name: Literal["qwen-image", "sana", "sd3", "flux", "tiny-qwen-image", "tiny-sana", "tiny-sd3", "tiny-flux"]
+    path: str | None = Field(
+        None,
+        validate_default=True,
+        description="local diffusers folder (with model_index.json) or hub id, e.g. Qwen/Qwen-Image",
+    )
+    revision: str | None = Field(None, description="hub revision (branch, tag or commit) of path")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype the weights load in")
+    seed: int = Field(0, description="tiny-* models: seed of the random weights")
+    max_sequence_length: int | None = Field(
+        None, ge=1, description="text tokens of every condition; null = the family's default (tiny: 48 / 64)"
+    )
+    unconditional_prompt: str | None = Field(
+        None, description="prompt of the unconditional condition e (E7); null = the family's own (Qwen ' ', else '')"
+    )
+    target_time: Literal["embedder"] = Field("embedder", description="E4a: a second time embedder for r")
+    lora: DiffusersLoraConfig | None = Field(
+        None, description="train LoRA adapters on the frozen teacher instead of all transformer weights; null = full"
+    )
+
+    @property
+    def family(self) -> str:
+        """``qwen-image``, ``sana``, ``sd3`` or ``flux``."""
+        return self.name.removeprefix("tiny-")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_lora_targets(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("lora"), dict) and "target_modules" not in data["lora"]:
+            family = str(data.get("name", "")).removeprefix("tiny-")
+            if family in DIFFUSERS_LORA_TARGETS:
+                data = {**data, "lora": {**data["lora"], "target_modules": DIFFUSERS_LORA_TARGETS[family]}}
+        return data
+
+    @field_validator("path", "revision")
+    @classmethod
+    def _path_fits_the_name(cls, value: str | None, info: ValidationInfo) -> str | None:
+        name = info.data.get("name")
+        if name is None:  # the name itself is invalid: that error is reported
+            return value
+        if name.startswith("tiny-") and value is not None:
+            raise ValueError(f"model {name!r} is built from code, it has no {info.field_name}; remove it")
+        if not name.startswith("tiny-") and info.field_name == "path" and value is None:
+            raise ValueError(f"model {name!r} needs a local diffusers folder or a hub id, e.g. Qwen/Qwen-Image")
+        return value
 
 
 class ShapesDataConfig(_Section):
@@ -279,8 +399,8 @@ class OutputConfig(_Section):
     eval_samples: int = Field(4000, ge=100, description="2-D runs: points per sample set of the evaluation")
 
 
-MODEL_DATA = {"toy2d-mlp": "toy2d", "shapes-unet": "shapes"}
-"""The data each model name is built for."""
+MODEL_DATA = {"toy2d-mlp": "toy2d", "shapes-unet": "shapes", **dict.fromkeys(DIFFUSERS_MODEL_NAMES, "shapes")}
+"""The data each model name is built for (diffusers teachers: the shapes renderer until image-folder data exists)."""
 UNION_TAGS = {"model": set(MODEL_DATA), "data": set(MODEL_DATA.values())}
 
 
@@ -290,7 +410,7 @@ class Recipe(_Section):
     schema_version: Literal[1] = SCHEMA_VERSION
     name: str
     description: str = ""
-    model: Annotated[Toy2dModelConfig | ShapesModelConfig, Field(discriminator="name")]
+    model: Annotated[Toy2dModelConfig | ShapesModelConfig | DiffusersModelConfig, Field(discriminator="name")]
     data: Annotated[Toy2dDataConfig | ShapesDataConfig, Field(discriminator="name")]
     method: MethodConfig = MethodConfig()
     sampler: SamplerConfig = SamplerConfig()
@@ -304,6 +424,11 @@ class Recipe(_Section):
         expected = MODEL_DATA[self.model.name]
         if self.data.name != expected:
             raise ValueError(f"model {self.model.name!r} trains on data {expected!r}, not {self.data.name!r}")
+        if isinstance(self.model, DiffusersModelConfig) and self.output.evaluate:
+            raise ValueError(
+                f"output.evaluate: the end-of-run report is not available for diffusers models ({self.model.name!r}) "
+                "yet; set output.evaluate: false"
+            )
         active = sum(f > 0 for f in self.method.roles.as_tuple())
         if self.train.batch_size < active:
             raise ValueError(

@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
-from apex_cli.config import Recipe, dump_recipe, load_recipe
+from apex_cli.config import DiffusersModelConfig, Recipe, dump_recipe, load_recipe
 from apex_cli.core.objective import ObjectiveModels, ObjectiveSettings, apex_loss
 from apex_cli.core.shift import ConditionShift
 from apex_cli.errors import ApexError, CheckpointError, RecipeError, RunInterruptedError
@@ -144,12 +144,17 @@ def run_distillation(
     meta: dict[str, Any] = {"kind": kind}
     lora = getattr(recipe.model, "lora", None)
     if lora is not None:  # after the teacher copy: adapters on the loaded base, which then stays frozen
+        diffusers_teacher = isinstance(recipe.model, DiffusersModelConfig)
         try:
-            model.add_lora(lora.rank, lora.alpha, lora.target_modules, lora.dropout)  # type: ignore[operator]
+            init = {"init": lora.init} if diffusers_teacher else {}
+            model.add_lora(lora.rank, lora.alpha, lora.target_modules, lora.dropout, **init)  # type: ignore[operator]
         except ValueError as err:
             raise RecipeError(f"model.lora.target_modules: {err}") from None
-        base = resolve_checkpoint(recipe.model.init)  # type: ignore[arg-type]
-        meta.update(adapters=True, base=recipe.model.init, base_sha256=weights_sha256(base, weights_stem(base)))
+        if diffusers_teacher:  # the base is the pipeline the recipe names (tasks.load_checkpoint_model rebuilds it)
+            meta.update(adapters=True, base=recipe.model.path or recipe.model.name, base_sha256=None)
+        else:
+            base = resolve_checkpoint(recipe.model.init)  # type: ignore[union-attr, arg-type]
+            meta.update(adapters=True, base=recipe.model.init, base_sha256=weights_sha256(base, weights_stem(base)))  # type: ignore[union-attr]
     ema = EMA(model, recipe.method.ema_decay) if recipe.method.reference == "ema" else None
     frozen = teacher if teacher is not None else copy.deepcopy(model).requires_grad_(False)
     reference = {"ema": ema.model if ema else model, "online": model, "frozen": frozen}[recipe.method.reference]
@@ -257,7 +262,7 @@ def _load_init(recipe: Recipe, model: nn.Module, console: Console) -> nn.Module 
     Returns:
         A frozen copy of the loaded model (the teacher), or None when training from scratch.
     """
-    init = recipe.model.init
+    init = getattr(recipe.model, "init", None)  # a diffusers teacher is its pipeline: it has no init checkpoint
     if init is None:
         return None
     path = Path(init)
