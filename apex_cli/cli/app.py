@@ -6,7 +6,9 @@ import typer
 
 from apex_cli import __version__
 from apex_cli.cli import eval as eval_cli
+from apex_cli.cli import export as export_cli
 from apex_cli.cli import recipes
+from apex_cli.cli import sample as sample_cli
 from apex_cli.cli.distill import EXAMPLES, distill
 
 app = typer.Typer(
@@ -18,6 +20,8 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 app.command(no_args_is_help=True, epilog=EXAMPLES)(distill)
+app.command(no_args_is_help=True, epilog=sample_cli.EXAMPLES)(sample_cli.sample)
+app.command(no_args_is_help=True, epilog=export_cli.EXAMPLES)(export_cli.export)
 app.add_typer(eval_cli.app, name="eval")
 app.add_typer(recipes.app, name="recipes")
 
