@@ -236,6 +236,65 @@ class ShapesDataConfig(_Section):
     image_size: Literal[32, 64] = 32
 
 
+class _CaptionedData(_Section):
+    """Shared fields of the data sources of the diffusers teachers."""
+
+    path: str = Field(description="the folder or manifest file (relative paths: from the working directory)")
+    image_size: int = Field(
+        ge=8,
+        description="square side in pixels the images are resized (shorter side) and centre-cropped to; a multiple "
+        "of the teacher's VAE factor times its patch size (Qwen-Image, SD3, FLUX: 16; SANA: 32)",
+    )
+    cache_dir: str | None = Field(
+        None,
+        description="folder of the on-disk text-embedding and latent cache, keyed by model and prompt / image, so it "
+        "can be shared by runs; null = <output.dir>/cache",
+    )
+
+
+class FolderDataConfig(_CaptionedData):
+    """Image-caption pairs from a folder (searched recursively): every ``img.png`` (or .jpg, .jpeg, .webp) with its
+    caption in ``img.txt`` beside it."""
+
+    name: Literal["folder"]
+    caption_extension: str = Field(".txt", pattern=r"^\.\w+$", description="extension of the caption files")
+
+
+class ManifestDataConfig(_CaptionedData):
+    """Image-caption pairs listed in a ``.jsonl`` or ``.parquet`` manifest: one row a pair, the image path relative
+    to the manifest's folder (or absolute)."""
+
+    name: Literal["manifest"]
+    image_column: str = "image"
+    caption_column: str = "caption"
+
+    @field_validator("path")
+    @classmethod
+    def _manifest_kind(cls, path: str) -> str:
+        if not path.endswith((".jsonl", ".parquet")):
+            raise ValueError(f"a manifest is a .jsonl or .parquet file, got {path!r}")
+        return path
+
+
+class PromptsDataConfig(_CaptionedData):
+    """Image-free distillation: prompts only (a ``.txt`` file, one prompt a line, or the caption column of a
+    ``.jsonl`` / ``.parquet`` manifest). The data of every row are the online model's own one-step samples
+    ``sg(G(z, c))``, as in the released code's ``use_image_free``: at step 0 these are the teacher's."""
+
+    name: Literal["prompts"]
+    caption_column: str = "caption"
+
+    @field_validator("path")
+    @classmethod
+    def _prompts_kind(cls, path: str) -> str:
+        if not path.endswith((".txt", ".jsonl", ".parquet")):
+            raise ValueError(f"prompts come from a .txt, .jsonl or .parquet file, got {path!r}")
+        return path
+
+
+CAPTIONED_DATA = ("folder", "manifest", "prompts")
+
+
 class Toy2dDataConfig(_Section):
     """Class-conditional 2-D Gaussian mixture; mode ``i`` of ``M`` belongs to class ``floor(i num_classes / M)``."""
 
@@ -380,7 +439,7 @@ class MonitorConfig(_Section):
 
 
 class HardwareConfig(_Section):
-    """Where and how the run executes (one process in this release)."""
+    """Where and how the run executes: device, precision, and the process layout that ``apex distill`` launches."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = Field(
@@ -389,6 +448,34 @@ class HardwareConfig(_Section):
         " (a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX), else fp32",
     )
     num_threads: int | None = Field(None, ge=1, description="CPU threads; null = torch's default")
+    processes: int = Field(
+        1, ge=1, description="processes per node, one per GPU; more than one in all relaunches apex through torchrun"
+    )
+    nodes: int = Field(1, ge=1, description="machines; each runs the same command (torchrun's c10d rendezvous)")
+    rdzv_endpoint: str | None = Field(
+        None, description="host:port of the rendezvous (node 0) when nodes > 1, e.g. node0.cluster:29500"
+    )
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="ddp: every process holds the whole model (DistributedDataParallel); fsdp: parameters, gradients,"
+        " optimizer states and the EMA are sharded over the processes (torch FSDP2 fully_shard, one unit a block)",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute each transformer block in the backward pass instead of storing its activations"
+    )
+    cpu_offload: bool = Field(
+        False, description="fsdp only: sharded parameters, gradients and optimizer states live on the CPU"
+    )
+    gpu_memory_gib: float | None = Field(
+        None,
+        gt=0,
+        description="memory of one GPU in GiB (80 for an A100 80GB); --dry-run warns when the estimate exceeds it",
+    )
+
+    @property
+    def world_size(self) -> int:
+        """Processes in all: ``processes * nodes``."""
+        return self.processes * self.nodes
 
 
 class OutputConfig(_Section):
@@ -399,9 +486,19 @@ class OutputConfig(_Section):
     eval_samples: int = Field(4000, ge=100, description="2-D runs: points per sample set of the evaluation")
 
 
-MODEL_DATA = {"toy2d-mlp": "toy2d", "shapes-unet": "shapes", **dict.fromkeys(DIFFUSERS_MODEL_NAMES, "shapes")}
-"""The data each model name is built for (diffusers teachers: the shapes renderer until image-folder data exists)."""
-UNION_TAGS = {"model": set(MODEL_DATA), "data": set(MODEL_DATA.values())}
+MODEL_DATA: dict[str, tuple[str, ...]] = {
+    "toy2d-mlp": ("toy2d",),
+    "shapes-unet": ("shapes",),
+    **dict.fromkeys(DIFFUSERS_MODEL_NAMES, ("shapes", *CAPTIONED_DATA)),
+}
+"""The data each model name trains on (diffusers teachers: the shapes renderer, image folders, manifests, prompts)."""
+UNION_TAGS = {"model": set(MODEL_DATA), "data": {name for names in MODEL_DATA.values() for name in names}}
+IMAGE_MULTIPLE = {"qwen-image": 16, "sana": 32, "sd3": 16, "flux": 16}
+"""Image sides of the real teachers must be multiples of this: VAE factor (8; SANA's DC-AE 32) x patch (2; SANA 1)."""
+DataConfig = Annotated[
+    Toy2dDataConfig | ShapesDataConfig | FolderDataConfig | ManifestDataConfig | PromptsDataConfig,
+    Field(discriminator="name"),
+]
 
 
 class Recipe(_Section):
@@ -411,7 +508,7 @@ class Recipe(_Section):
     name: str
     description: str = ""
     model: Annotated[Toy2dModelConfig | ShapesModelConfig | DiffusersModelConfig, Field(discriminator="name")]
-    data: Annotated[Toy2dDataConfig | ShapesDataConfig, Field(discriminator="name")]
+    data: DataConfig
     method: MethodConfig = MethodConfig()
     sampler: SamplerConfig = SamplerConfig()
     train: TrainConfig
@@ -422,17 +519,52 @@ class Recipe(_Section):
     @model_validator(mode="after")
     def _check(self) -> Recipe:
         expected = MODEL_DATA[self.model.name]
-        if self.data.name != expected:
-            raise ValueError(f"model {self.model.name!r} trains on data {expected!r}, not {self.data.name!r}")
+        if self.data.name not in expected:
+            raise ValueError(
+                f"data.name: model {self.model.name!r} trains on data {' or '.join(map(repr, expected))}, "
+                f"not {self.data.name!r}"
+            )
+        if isinstance(self.data, _CaptionedData) and isinstance(self.model, DiffusersModelConfig):
+            multiple = 8 if self.model.name.startswith("tiny-") else IMAGE_MULTIPLE[self.model.family]
+            if self.data.image_size % multiple:
+                raise ValueError(
+                    f"data.image_size: {self.model.name} needs a multiple of {multiple} pixels, got "
+                    f"{self.data.image_size}; e.g. {max(multiple, self.data.image_size // multiple * multiple)}"
+                )
+        hardware = self.hardware
+        if hardware.strategy == "fsdp" and hardware.world_size == 1:
+            raise ValueError(
+                "hardware.strategy: fsdp shards over processes, but processes * nodes = 1; set hardware.processes "
+                "to the number of GPUs, or strategy: ddp for one process"
+            )
+        if hardware.cpu_offload and hardware.strategy != "fsdp":
+            raise ValueError("hardware.cpu_offload: offloads FSDP shards; set hardware.strategy: fsdp or remove it")
+        if hardware.gradient_checkpointing and self.model.name == "toy2d-mlp":
+            raise ValueError("hardware.gradient_checkpointing: the 2-D MLP has no blocks to checkpoint; remove it")
+        if hardware.nodes > 1 and hardware.rdzv_endpoint is None:
+            raise ValueError("hardware.rdzv_endpoint: nodes > 1 needs the host:port of node 0, e.g. node0:29500")
+        world = hardware.world_size
+        if self.train.batch_size % world:
+            raise ValueError(
+                f"train.batch_size ({self.train.batch_size}) must be a multiple of the {world} processes "
+                "(hardware.processes * hardware.nodes): each process takes an equal share"
+            )
         if isinstance(self.model, DiffusersModelConfig) and self.output.evaluate:
             raise ValueError(
                 f"output.evaluate: the end-of-run report is not available for diffusers models ({self.model.name!r}) "
                 "yet; set output.evaluate: false"
             )
         active = sum(f > 0 for f in self.method.roles.as_tuple())
-        if self.train.batch_size < active:
+        if self.train.batch_size // world < active:
+            per_process = "" if world == 1 else f" per process ({self.train.batch_size} over {world} processes)"
             raise ValueError(
-                f"train.batch_size ({self.train.batch_size}) is smaller than the {active} active method.roles"
+                f"train.batch_size ({self.train.batch_size // world}{per_process}) is smaller than the {active} "
+                "active method.roles"
+            )
+        if self.hardware.strategy == "fsdp" and not isinstance(self.model, DiffusersModelConfig):
+            raise ValueError(
+                f"hardware.strategy: fsdp shards the blocks of a diffusers transformer; {self.model.name!r} is small "
+                "enough for ddp"
             )
         return self
 

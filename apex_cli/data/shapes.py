@@ -483,6 +483,22 @@ def training_stream(seed: int, size: int = 32) -> Iterator[tuple[str, np.ndarray
         yield scene.prompt, render(scene, size)
 
 
+def training_batches(
+    seed: int, batch_size: int, size: int = 32, skip: int = 0
+) -> Iterator[tuple[list[str], np.ndarray]]:
+    """Endless batches ``(prompts, uint8 images [B, S, S, 3])`` of the training stream.
+
+    Batch ``k`` (counting from 1) is rendered from its own seed ``seed * 1_000_003 + k``, so a resumed run starts
+    at batch ``skip + 1`` at once and sees exactly the batches it would have seen.
+    """
+    step = skip
+    while True:
+        step += 1
+        stream = training_stream(seed * 1_000_003 + step, size=size)
+        pairs = [next(stream) for _ in range(batch_size)]
+        yield [prompt for prompt, _ in pairs], np.stack([image for _, image in pairs])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Suite files (official JSONL: one object a line)
 

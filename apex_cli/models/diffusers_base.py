@@ -39,9 +39,8 @@ shares instead of copying, so an EMA copy of a generator costs one transformer, 
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -50,6 +49,7 @@ from torch import Tensor, nn
 
 from apex_cli.core.objective import Condition
 from apex_cli.errors import CheckpointError
+from apex_cli.models.lora import AdapterState
 
 TARGET_TIME_FILE = "target_time_embedder.safetensors"
 """The E4a embedder of a LoRA student, written beside ``pytorch_lora_weights.safetensors``."""
@@ -63,6 +63,7 @@ class _FrozenParts:
     def __init__(self, pipeline: Any) -> None:
         self.pipeline = pipeline
         self.cache: dict[tuple[str, bool], dict[str, Tensor]] = {}
+        self.disk: Any = None  # a data.cache.DiskCache, when attached
         self.forwards = 0
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _FrozenParts:
@@ -91,10 +92,12 @@ class _TargetTimeHook:
         return output + (t - r).to(output.dtype)[:, None] * target
 
 
-class DiffusersGenerator(nn.Module):
+class DiffusersGenerator(AdapterState, nn.Module):
     """``F(x_t, t, r, c)`` of a stock diffusers pipeline, with the E4a embedder and the E5 hook point.
 
-    Subclasses set the class attributes and implement ``_encode``, ``_forward`` and the VAE pair.
+    Subclasses set the class attributes and implement ``_encode``, ``_forward`` and the VAE pair. LoRA bookkeeping
+    (``has_lora``, ``trainable_state_dict``, ``merge_lora``, ``adapters_disabled``) comes from
+    :class:`~apex_cli.models.lora.AdapterState`.
 
     Args:
         pipeline: The loaded pipeline; its transformer becomes this module's ``transformer``.
@@ -102,6 +105,7 @@ class DiffusersGenerator(nn.Module):
         unconditional_prompt: The prompt of ``e`` (None: ``UNCONDITIONAL_PROMPT``, the family's own).
     """
 
+    ADAPTED_MODULE = "transformer"
     FAMILY: ClassVar[str]
     PIPELINE_CLASS: ClassVar[str]
     TEXT_PROJECTION: ClassVar[str]
@@ -131,7 +135,6 @@ class DiffusersGenerator(nn.Module):
         self.target_time_embedder = copy.deepcopy(self.transformer.get_submodule(self.TIME_EMBEDDER))
         self._target_time = _TargetTimeHook(self.target_time_embedder, self.transformer.get_submodule(self.TIME_PROJ))
         self.transformer.get_submodule(self.TIME_EMBEDDER).register_forward_hook(self._target_time)
-        self._lora_keys: tuple[str, ...] | None = None
 
     # --- construction ---
 
@@ -177,6 +180,15 @@ class DiffusersGenerator(nn.Module):
             pipeline.to(torch_dtype)
         return cls(pipeline, **generator_kwargs)
 
+    @classmethod
+    def bare(cls, transformer: nn.Module) -> DiffusersGenerator:
+        """A generator over a bare transformer, without a pipeline, for measurements (``train/memory.py``): only the
+        network call (``_transformer_timestep``, ``_forward``) works, exactly as in training."""
+        generator = cls.__new__(cls)
+        nn.Module.__init__(generator)
+        generator.transformer = transformer
+        return generator
+
     # --- properties ---
 
     @property
@@ -217,7 +229,7 @@ class DiffusersGenerator(nn.Module):
 
     @property
     def encoder_forwards(self) -> int:
-        """Text-encoding calls made so far (the cache makes repeated prompts free)."""
+        """Text-encoding calls made so far (the caches make repeated prompts free)."""
         return self._frozen.forwards
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
@@ -265,18 +277,36 @@ class DiffusersGenerator(nn.Module):
         """Forget every cached prompt encoding."""
         self._frozen.cache.clear()
 
+    def use_disk_cache(self, cache: Any) -> None:
+        """Read and write conditions through ``cache`` (a ``data.cache.DiskCache``) as well.
+
+        With a disk cache, only the unconditional condition stays in memory: a dataset's conditions would not fit.
+        """
+        self._frozen.disk = cache
+
     def _conditions(self, prompts: list[str], unconditional: bool) -> dict[str, Tensor]:
         if not prompts:
             raise ValueError("a condition needs at least one prompt")
-        cache = self._frozen.cache
-        missing = list(dict.fromkeys(p for p in prompts if (p, unconditional) not in cache))
+        memory, disk = self._frozen.cache, self._frozen.disk
+        found: dict[str, dict[str, Tensor]] = {}
+        for prompt in dict.fromkeys(prompts):
+            row = memory.get((prompt, unconditional))
+            if row is None and disk is not None:
+                row = disk.get_text(prompt, unconditional)
+            if row is not None:
+                found[prompt] = row
+        missing = [p for p in dict.fromkeys(prompts) if p not in found]
         if missing:
             with torch.no_grad():
                 encoded = self._encode(missing, unconditional)
             self._frozen.forwards += 1
             for i, prompt in enumerate(missing):
-                cache[(prompt, unconditional)] = {key: value[i].cpu() for key, value in encoded.items()}
-        rows = [cache[(p, unconditional)] for p in prompts]
+                found[prompt] = {key: value[i].cpu() for key, value in encoded.items()}
+                if disk is not None:
+                    disk.put_text(prompt, unconditional, found[prompt])
+        if disk is None or unconditional:
+            memory.update({(prompt, unconditional): row for prompt, row in found.items()})
+        rows = [found[p] for p in prompts]
         return {key: torch.stack([row[key] for row in rows]).to(self.device) for key in rows[0]}
 
     def _encode(self, prompts: list[str], unconditional: bool) -> dict[str, Tensor]:
@@ -354,11 +384,6 @@ class DiffusersGenerator(nn.Module):
 
     # --- LoRA ---
 
-    @property
-    def has_lora(self) -> bool:
-        """Whether :meth:`add_lora` has put adapters on the transformer."""
-        return self._lora_keys is not None
-
     def add_lora(
         self,
         rank: int,
@@ -406,48 +431,7 @@ class DiffusersGenerator(nn.Module):
         )
         self.transformer.add_adapter(config)  # diffusers -> peft inject_adapter_in_model; only adapters get grad
         self.target_time_embedder.requires_grad_(True)
-        self._lora_keys = tuple(name for name, p in self.named_parameters() if p.requires_grad)
-
-    def trainable_state_dict(self) -> dict[str, Tensor]:
-        """What a checkpoint must hold: after :meth:`add_lora` the adapters and ``Emb2``; else the whole state."""
-        state = self.state_dict()
-        return state if self._lora_keys is None else {key: state[key] for key in self._lora_keys}
-
-    def load_trainable_state_dict(self, state: dict[str, Tensor]) -> None:
-        """Load what :meth:`trainable_state_dict` returned, strictly on its keys and shapes.
-
-        Raises:
-            CheckpointError: A key is missing or unexpected, or a shape differs.
-        """
-        expected = self.trainable_state_dict()
-        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-        wrong = [k for k in set(state) & set(expected) if state[k].shape != expected[k].shape]
-        if missing or unexpected or wrong:
-            raise CheckpointError(
-                f"the weights do not fit this {self.FAMILY} generator: {len(missing)} missing (e.g. {missing[:1]}), "
-                f"{len(unexpected)} unexpected (e.g. {unexpected[:1]}), {len(wrong)} of another shape"
-            )
-        self.load_state_dict(state, strict=False)
-
-    def merge_lora(self) -> None:
-        """Fold the adapters into the base weights, drop them and unfreeze the transformer."""
-        if not self.has_lora:
-            raise ValueError("the generator has no LoRA adapters to merge")
-        self.transformer.fuse_lora()
-        self.transformer.unload_lora()
-        self.transformer.requires_grad_(True)
-        self._lora_keys = None
-
-    @contextlib.contextmanager
-    def adapters_disabled(self) -> Iterator[None]:
-        """Within the context the transformer is the frozen base (adapters off): the ``frozen`` reference of E7."""
-        if not self.has_lora:
-            raise ValueError("the generator has no LoRA adapters to disable")
-        self.transformer.disable_adapters()
-        try:
-            yield
-        finally:
-            self.transformer.enable_adapters()
+        self._mark_trainable()
 
     def save_lora_weights(self, directory: str | Path) -> Path:
         """Write the adapters as diffusers' ``pytorch_lora_weights.safetensors`` (with their peft config, so rank and
@@ -473,6 +457,27 @@ class DiffusersGenerator(nn.Module):
         embedder = {k: v.detach().contiguous().cpu() for k, v in self.target_time_embedder.state_dict().items()}
         save_file(embedder, str(directory / TARGET_TIME_FILE))
         return directory
+
+
+class ShiftedScaledLatents:
+    """The VAE pair of SD3 and FLUX: the KL VAE's ``(z - shift_factor) * scaling_factor`` (posterior mean)."""
+
+    vae: Any
+    _vae_input: Any
+
+    @torch.no_grad()
+    def encode_images(self, images: Tensor) -> Tensor:
+        """Images ``[B, 3, H, W]`` in ``[-1, 1]`` -> ``(z - shift_factor) * scaling_factor``, ``[B, C, h, w]``."""
+        z = self.vae.encode(self._vae_input(images)).latent_dist.mean
+        return ((z - self.vae.config.shift_factor) * self.vae.config.scaling_factor).to(
+            device=images.device, dtype=images.dtype
+        )
+
+    @torch.no_grad()
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        """``[B, C, h, w]`` -> images in ``[-1, 1]``: ``decode(x / scaling_factor + shift_factor)``."""
+        z = self._vae_input(latents) / self.vae.config.scaling_factor + self.vae.config.shift_factor
+        return self.vae.decode(z, return_dict=False)[0].to(device=latents.device, dtype=latents.dtype)
 
 
 def pack_2x2(latents: Tensor) -> Tensor:

@@ -15,10 +15,10 @@ import torch
 from torch import Tensor
 
 from apex_cli.config import DIFFUSERS_LORA_TARGETS
-from apex_cli.models.diffusers_base import DiffusersGenerator, pack_2x2, unpack_2x2
+from apex_cli.models.diffusers_base import DiffusersGenerator, ShiftedScaledLatents, pack_2x2, unpack_2x2
 
 
-class FluxGenerator(DiffusersGenerator):
+class FluxGenerator(ShiftedScaledLatents, DiffusersGenerator):
     """``F(x_t, t, r, c)`` of a ``FluxPipeline``; ``x_t: [B, C, h, w]`` shifted and scaled VAE latents.
 
     Args:
@@ -33,6 +33,7 @@ class FluxGenerator(DiffusersGenerator):
     TIME_PROJ = "time_text_embed.time_proj"
     DEFAULT_MAX_SEQUENCE_LENGTH = 512
     DEFAULT_LORA_TARGETS = DIFFUSERS_LORA_TARGETS["flux"]
+    embedded_guidance = 3.5  # the pipeline's default guidance_scale (an instance may set its own)
 
     def __init__(
         self,
@@ -62,11 +63,13 @@ class FluxGenerator(DiffusersGenerator):
         return t * 1000
 
     def _forward(self, x_t: Tensor, timestep: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        from diffusers import FluxPipeline
+
         batch, _, height, width = x_t.shape
         guidance = None
         if self.transformer.config.guidance_embeds:
             guidance = torch.full((batch,), self.embedded_guidance, device=x_t.device, dtype=torch.float32)
-        image_ids = type(self.pipeline)._prepare_latent_image_ids(batch, height // 2, width // 2, x_t.device, x_t.dtype)
+        image_ids = FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, x_t.device, x_t.dtype)
         text_ids = torch.zeros(cond["embeds"].shape[1], 3, device=x_t.device, dtype=x_t.dtype)
         out = self.transformer(
             hidden_states=pack_2x2(x_t),
@@ -79,17 +82,3 @@ class FluxGenerator(DiffusersGenerator):
             return_dict=False,
         )[0]
         return unpack_2x2(out, height, width)
-
-    @torch.no_grad()
-    def encode_images(self, images: Tensor) -> Tensor:
-        """Images ``[B, 3, H, W]`` in ``[-1, 1]`` -> ``(z - shift_factor) * scaling_factor``, ``[B, C, h, w]``."""
-        z = self.vae.encode(self._vae_input(images)).latent_dist.mean
-        return ((z - self.vae.config.shift_factor) * self.vae.config.scaling_factor).to(
-            device=images.device, dtype=images.dtype
-        )
-
-    @torch.no_grad()
-    def decode_latents(self, latents: Tensor) -> Tensor:
-        """``[B, C, h, w]`` -> images in ``[-1, 1]``: ``decode(x / scaling_factor + shift_factor)``."""
-        z = self._vae_input(latents) / self.vae.config.scaling_factor + self.vae.config.shift_factor
-        return self.vae.decode(z, return_dict=False)[0].to(device=latents.device, dtype=latents.dtype)

@@ -8,14 +8,13 @@ takes ``1000 t``. Condition shift: ``context_embedder`` (the token stream only; 
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from apex_cli.config import DIFFUSERS_LORA_TARGETS
-from apex_cli.models.diffusers_base import DiffusersGenerator
+from apex_cli.models.diffusers_base import DiffusersGenerator, ShiftedScaledLatents
 
 
-class SD3Generator(DiffusersGenerator):
+class SD3Generator(ShiftedScaledLatents, DiffusersGenerator):
     """``F(x_t, t, r, c)`` of a ``StableDiffusion3Pipeline``; ``x_t: [B, C, h, w]`` shifted and scaled VAE latents."""
 
     FAMILY = "sd3"
@@ -51,17 +50,3 @@ class SD3Generator(DiffusersGenerator):
             pooled_projections=cond["pooled"].to(x_t.dtype),
             return_dict=False,
         )[0]
-
-    @torch.no_grad()
-    def encode_images(self, images: Tensor) -> Tensor:
-        """Images ``[B, 3, H, W]`` in ``[-1, 1]`` -> ``(z - shift_factor) * scaling_factor``, ``[B, C, h, w]``."""
-        z = self.vae.encode(self._vae_input(images)).latent_dist.mean
-        return ((z - self.vae.config.shift_factor) * self.vae.config.scaling_factor).to(
-            device=images.device, dtype=images.dtype
-        )
-
-    @torch.no_grad()
-    def decode_latents(self, latents: Tensor) -> Tensor:
-        """``[B, C, h, w]`` -> images in ``[-1, 1]``: ``decode(x / scaling_factor + shift_factor)``."""
-        z = self._vae_input(latents) / self.vae.config.scaling_factor + self.vae.config.shift_factor
-        return self.vae.decode(z, return_dict=False)[0].to(device=latents.device, dtype=latents.dtype)

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from apex_cli.core.objective import Condition
 from apex_cli.errors import CheckpointError, DataError
+from apex_cli.models.lora import AdapterState
 
 MODEL_KIND = "shapes-unet"
 MAX_LENGTH = 16
@@ -294,12 +295,15 @@ class _TargetTimeHooks:
 # The model
 
 
-class ShapesModel(nn.Module):
+class ShapesModel(AdapterState, nn.Module):
     """``F(x_t, t, r, c)`` for shapes images: tokenizer, frozen text encoder and a UNet denoiser.
 
     Only the UNet is a registered submodule, so ``state_dict()``, ``parameters()`` and ``train()`` cover the
     denoiser alone; the tokenizer and the frozen text encoder live beside it (``text_encoder``, ``tokenizer``)
     and are moved to the UNet's device on first use.
+
+    LoRA bookkeeping (``has_lora``, ``trainable_state_dict``, ``merge_lora``, ``adapters_disabled``) comes from
+    :class:`~apex_cli.models.lora.AdapterState`.
 
     Args:
         unet: A ``UNet2DConditionModel`` with ``class_embed_type="timestep"`` and a ``text_proj`` hid projection.
@@ -307,6 +311,8 @@ class ShapesModel(nn.Module):
         tokenizer: The word-level tokenizer.
         max_length: Tokens a prompt (with ``<s>``).
     """
+
+    ADAPTED_MODULE = "unet"
 
     def __init__(self, unet: nn.Module, text_encoder: nn.Module, tokenizer: Any, max_length: int = MAX_LENGTH) -> None:
         super().__init__()
@@ -323,7 +329,6 @@ class ShapesModel(nn.Module):
             )
         self.unet = unet
         self._text = _TextStack(tokenizer, _freeze(text_encoder), max_length)
-        self._lora_keys: tuple[str, ...] | None = None  # state-dict keys that train under LoRA (add_lora)
         _TargetTimeHooks.install(unet)
 
     # --- construction and files ---
@@ -465,11 +470,6 @@ class ShapesModel(nn.Module):
 
     # --- LoRA ---
 
-    @property
-    def has_lora(self) -> bool:
-        """Whether :meth:`add_lora` has wrapped the UNet."""
-        return self._lora_keys is not None
-
     def add_lora(
         self, rank: int, alpha: float | None = None, target_modules: Sequence[str] = (), dropout: float = 0.0
     ) -> None:
@@ -502,47 +502,7 @@ class ShapesModel(nn.Module):
         config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=list(target_modules), lora_dropout=dropout)
         self.unet.add_adapter(config)  # peft: inject_adapter_in_model, only the adapters require grad
         self.unet.class_embedding.requires_grad_(True)
-        self._lora_keys = tuple(name for name, p in self.named_parameters() if p.requires_grad)
-
-    def trainable_state_dict(self) -> dict[str, Tensor]:
-        """The weights a checkpoint of this model must hold: after :meth:`add_lora` only the adapters and the
-        target-time embedder (the keys that train, also on a frozen copy such as the EMA); else the whole state dict.
-        """
-        state = self.state_dict()
-        return state if self._lora_keys is None else {key: state[key] for key in self._lora_keys}
-
-    def load_trainable_state_dict(self, state: dict[str, Tensor]) -> None:
-        """Load what :meth:`trainable_state_dict` returned, strictly on its keys and shapes.
-
-        Raises:
-            CheckpointError: A key is missing or unexpected, or a shape differs.
-        """
-        expected = self.trainable_state_dict()
-        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise CheckpointError(
-                f"the weights do not fit this model: {len(missing)} missing (e.g. {missing[:1]}), "
-                f"{len(unexpected)} unexpected (e.g. {unexpected[:1]})"
-            )
-        wrong = [k for k, v in state.items() if v.shape != expected[k].shape]
-        if wrong:
-            raise CheckpointError(
-                f"the weights do not fit this model: {wrong[0]} is {tuple(state[wrong[0]].shape)}, "
-                f"expected {tuple(expected[wrong[0]].shape)}"
-            )
-        self.load_state_dict(state, strict=False)
-
-    def merge_lora(self) -> None:
-        """Fold the adapters into the base weights (``W <- W + (alpha / rank) B A``), drop them and unfreeze the UNet.
-
-        Used when a LoRA checkpoint is the starting point of another run.
-        """
-        if not self.has_lora:
-            raise ValueError("the model has no LoRA adapters to merge")
-        self.unet.fuse_lora()
-        self.unet.unload_lora()
-        self.unet.requires_grad_(True)
-        self._lora_keys = None
+        self._mark_trainable()
 
     # --- conditions ---
 

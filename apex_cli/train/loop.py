@@ -1,7 +1,9 @@
 """The training loop of `apex distill`, readable top to bottom: setup, steps, checkpoints, report.
 
 One loop serves teacher training (plain flow matching: the objective with only ``mul`` rows) and APEX
-distillation; the recipe's ``method`` section is the only difference.
+distillation; the recipe's ``method`` section is the only difference. The same loop runs as one of several
+processes (launched by torchrun, ``train/parallel.py``): DDP or FSDP2 around the online model, each process its
+share of every batch, the logged values averaged over processes, and process 0 writing the files.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
@@ -45,8 +48,17 @@ from apex_cli.train.checkpoint import (
     weights_sha256,
     weights_stem,
 )
-from apex_cli.train.ema import EMA
+from apex_cli.train.ema import EMA, AdapterEMA, AdaptersDisabled
 from apex_cli.train.guards import CollapseMonitor, NonFiniteGuard
+from apex_cli.train.parallel import (
+    Layout,
+    Replicated,
+    full_state_dict,
+    full_tensors,
+    init_layout,
+    load_full_state_dict,
+    shard,
+)
 from apex_cli.train.tasks import build_task
 
 
@@ -92,6 +104,8 @@ RESUMABLE_CHANGES = (
     "train.max_nonfinite_steps",
     "monitor.",  # what is watched and when it warns, not what is trained
     "hardware.num_threads",
+    "hardware.gpu_memory_gib",
+    "hardware.gradient_checkpointing",  # recomputes instead of storing: the same numbers
     "output.evaluate",
     "output.eval_samples",
     "description",
@@ -121,7 +135,20 @@ def run_distillation(
         force: Resume even when the checkpoint's recipe differs in a result-affecting field.
         console: Where progress goes (stderr by default).
     """
-    console = console or Console(stderr=True)
+    layout = init_layout(recipe)
+    if console is None or not layout.main:  # launched processes: the first one prints
+        console = Console(stderr=True, quiet=not layout.main)
+    try:
+        return _run(recipe, layout, overwrite, resume, force, console)
+    finally:
+        if layout.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(
+    recipe: Recipe, layout: Layout, overwrite: bool, resume: bool | str, force: bool, console: Console
+) -> RunResult:
+    """:func:`run_distillation` on one process of ``layout``: process 0 writes the files and prints."""
     run_dir = Path(recipe.output.dir)
     if (run_dir / FINAL).exists() and not overwrite and not resume:
         raise ApexError(
@@ -129,9 +156,11 @@ def run_distillation(
             hint="pass --overwrite to replace it, or choose another directory with --set output.dir=PATH",
         )
     recipe_yaml = dump_recipe(recipe)
-    atomic_write_text(run_dir / "config.yaml", recipe_yaml)
-    remove_staging(run_dir)  # half-written checkpoints of a killed run
-    device = _device(recipe.hardware.device)
+    if layout.main:
+        atomic_write_text(run_dir / "config.yaml", recipe_yaml)
+        remove_staging(run_dir)  # half-written checkpoints of a killed run
+    layout.barrier()
+    device = _device(recipe.hardware.device, layout)
     if recipe.hardware.num_threads:
         torch.set_num_threads(recipe.hardware.num_threads)
     torch.manual_seed(recipe.train.seed)
@@ -155,12 +184,13 @@ def run_distillation(
         else:
             base = resolve_checkpoint(recipe.model.init)  # type: ignore[union-attr, arg-type]
             meta.update(adapters=True, base=recipe.model.init, base_sha256=weights_sha256(base, weights_stem(base)))  # type: ignore[union-attr]
-    ema = EMA(model, recipe.method.ema_decay) if recipe.method.reference == "ema" else None
-    frozen = teacher if teacher is not None else copy.deepcopy(model).requires_grad_(False)
-    reference = {"ema": ema.model if ema else model, "online": model, "frozen": frozen}[recipe.method.reference]
-    models = ObjectiveModels(online=model, reference=reference, rollout=ema.model if ema else model)  # type: ignore[arg-type]
+    if recipe.hardware.gradient_checkpointing:
+        getattr(model, model.ADAPTED_MODULE).enable_gradient_checkpointing()  # type: ignore[attr-defined]
+    online, ema, models = _arrange(recipe, model, teacher, layout)
     settings = objective_settings(recipe)
     shift = ConditionShift(recipe.method.shift, seed=recipe.method.shift_seed)
+    if layout.world > 1:  # every process draws its own noise (the model above is the same on all of them)
+        torch.manual_seed(recipe.train.seed + 7919 * layout.rank)
 
     train = recipe.train
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -171,36 +201,46 @@ def run_distillation(
     monitor = CollapseMonitor(recipe.monitor) if kind == "student" else None
     first_step = 1
     if resume:
-        state = _resume(recipe, run_dir, resume, force, model, ema, optimizer, scheduler, meta, console)
+        state = _resume(recipe, run_dir, resume, force, model, ema, optimizer, scheduler, meta, layout, console)
         first_step = state["step"] + 1
         guard.total, guard.in_a_row = state.get("nonfinite_steps", 0), state.get("nonfinite_in_a_row", 0)
-    batches = task.batches(model, train.batch_size, train.seed, device, first_step - 1)
+    shard = (layout.rank, layout.world)
+    prepare = getattr(task, "prepare", None)
+    if prepare is not None:  # the text / latent cache: encoders run here, never in the steps
+        prepare(model, device, shard, layout.barrier)
+    batches = task.batches(online, train.batch_size, train.seed, device, first_step - 1, shard)  # type: ignore[arg-type]
     precision = resolve_precision(recipe.hardware.precision, device, console)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
     log_path = run_dir / "metrics.jsonl"
-    _truncate_log(log_path, first_step - 1)  # a resumed run logs the repeated steps once
+    if layout.main:
+        _truncate_log(log_path, first_step - 1)  # a resumed run logs the repeated steps once
 
     def save_periodic(step: int) -> Path:
         """``checkpoints/step_<step>``, then the oldest ones beyond ``train.keep_last`` are deleted."""
-        state = _training_state(optimizer, scheduler, ema, guard, step)
-        saved = _save(run_dir / "checkpoints" / f"step_{step:07d}", recipe_yaml, model, ema, meta, state)
-        if train.keep_last:
+        state = _training_state(model, optimizer, scheduler, ema, guard, step, layout)
+        saved = _save(run_dir / "checkpoints" / f"step_{step:07d}", recipe_yaml, model, ema, meta, state, layout)
+        if train.keep_last and layout.main:
             rotate_checkpoints(run_dir, train.keep_last)
         return saved
 
     start = time.perf_counter()
-    with _progress(console) as progress, log_path.open("a", buffering=1) as log, _stop_signals() as stop:
+    log = log_path.open("a", buffering=1) if layout.main else contextlib.nullcontext(None)
+    with _progress(console) as progress, log as log_file, _stop_signals() as stop:
         task_id = progress.add_task(f"{kind} {recipe.name}", total=train.steps, completed=first_step - 1, loss="")
         for step in range(first_step, train.steps + 1):
             step_start = time.perf_counter()
             x_data, cond = next(batches)
             with autocast:
                 out = apex_loss(models, x_data, cond, model.unconditional(x_data.shape[0], device), settings, shift)
-            optimizer.zero_grad(set_to_none=True)
             out.total.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, train.grad_clip)
-            # One sync a step: the logged values, which also decide whether the step may update the weights.
-            values = torch.stack([*(v.float() for v in out.terms.values()), grad_norm.float()]).tolist()
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: DTensor
+            # One sync a step: the logged values (averaged over processes), which also decide whether the step may
+            # update the weights, and whether a stop was asked on any process.
+            stop_asked = torch.tensor(float(stop.signal is not None), device=grad_norm.device)
+            values = [*(v.float() for v in out.terms.values()), grad_norm.float(), stop_asked]
+            values = layout.mean(torch.stack(values).to(device)).tolist()
+            stop_now = values.pop() > 0
             record: dict[str, Any] = {k: _finite(v, 6) for k, v in zip([*out.terms, "grad_norm"], values, strict=True)}
             skipped = guard.check(record["total"], record["grad_norm"])
             if skipped is None:
@@ -208,8 +248,9 @@ def run_distillation(
                 scheduler.step()
                 if ema is not None:
                     ema.update(model)
+            optimizer.zero_grad(set_to_none=True)  # before the next forward: its peak memory holds no gradients
             record.update(step=step, lr=scheduler.get_last_lr()[0])
-            record["images_per_second"] = round(x_data.shape[0] / (time.perf_counter() - step_start), 2)
+            record["images_per_second"] = round(x_data.shape[0] * layout.world / (time.perf_counter() - step_start), 2)
             if device.type == "cuda":
                 record["peak_memory_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
             if skipped is not None:
@@ -218,42 +259,82 @@ def run_distillation(
                     f"[yellow]Warning:[/] step {step}: non-finite {skipped}, step skipped (weights unchanged); "
                     f"{guard.in_a_row} in a row, {guard.total} so far"
                 )
-            if monitor is not None and monitor.due(step):
-                record.update(monitor.measure(model, x_data, cond, step, autocast))
+            if monitor is not None and monitor.due(step):  # every process (a sharded forward is a collective)
+                record.update(monitor.measure(online, x_data, cond, step, autocast))  # type: ignore[arg-type]
                 warning = monitor.warning(record, step)
                 if warning is not None:
                     record["warning"] = "collapse"
                     console.print(f"[yellow]Warning:[/] {warning}")
             record["seconds"] = round(time.perf_counter() - start, 3)
-            log.write(json.dumps(record) + "\n")
+            if log_file is not None:
+                log_file.write(json.dumps(record) + "\n")
             guard.raise_if_exceeded(step)
             loss = "non-finite" if record["total"] is None else f"{record['total']:.4f}"
             progress.update(task_id, loss=f"loss {loss}")
             progress.advance(task_id)
             if not console.is_terminal and step % max(train.steps // 10, 1) == 0:  # no live bar: plain lines
                 console.print(f"{kind} {recipe.name}: step {step}/{train.steps}, {loss} loss")
-            if stop.signal is not None and step < train.steps:  # SIGINT / SIGTERM: save, then stop
+            if stop_now and step < train.steps:  # SIGINT / SIGTERM: save, then stop
                 saved = save_periodic(step)
+                signum = stop.signal or signal.SIGTERM
                 raise RunInterruptedError(
-                    f"stopped by {signal.Signals(stop.signal).name} after step {step}; checkpoint saved to {saved}",
+                    f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint saved to {saved}",
                     hint="run the same command with --resume to continue exactly from there",
                 )
             if train.checkpoint_every and step % train.checkpoint_every == 0 and step < train.steps:
                 save_periodic(step)
     train_seconds = time.perf_counter() - start
-    state = _training_state(optimizer, scheduler, ema, guard, train.steps)
-    checkpoint = _save(run_dir / FINAL, recipe_yaml, model, ema, meta, state)
+    state = _training_state(model, optimizer, scheduler, ema, guard, train.steps, layout)
+    checkpoint = _save(run_dir / FINAL, recipe_yaml, model, ema, meta, state, layout)
 
     metrics: dict[str, Any] = {}
-    if recipe.output.evaluate:
+    if recipe.output.evaluate and layout.main:
         console.print("[dim]evaluating the run ...[/]")
         sampled = ema.model if ema is not None else model
         model.eval()
         student = None if kind == "teacher" else sampled
         metrics = task.report(run_dir, student, sampled if teacher is None else teacher, console)
     metrics["train_seconds"] = round(train_seconds, 2)
-    atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
+    if layout.main:
+        atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
     return RunResult(run_dir=run_dir, checkpoint=checkpoint, metrics=metrics, train_seconds=train_seconds, kind=kind)
+
+
+def _arrange(
+    recipe: Recipe, model: nn.Module, teacher: nn.Module | None, layout: Layout
+) -> tuple[Any, EMA | AdapterEMA | None, ObjectiveModels]:
+    """Lay the models out over the processes and build the E7 reference and E8 rollout at the least memory.
+
+    Returns:
+        ``(online, ema, models)``: ``online`` is what evaluates the trained network (the model itself, or its DDP
+        entry point), ``ema`` the EMA (None without one), ``models`` the objective's three networks.
+
+    Memory: a LoRA model's EMA holds only the adapters (:class:`AdapterEMA`) and its frozen reference is the model
+    with the adapters off (:class:`AdaptersDisabled`): neither copies the base. Full fine-tuning copies the model for
+    an EMA or a frozen reference (before sharding, so the copy is sharded alike under FSDP).
+    """
+    method, lora = recipe.method, getattr(model, "has_lora", False)
+    full_ema = EMA(model, method.ema_decay) if method.reference == "ema" and not lora else None
+    frozen = None
+    if method.reference == "frozen" and not lora:
+        frozen = teacher if teacher is not None else copy.deepcopy(model).requires_grad_(False).eval()
+    online: Any = model
+    if layout.sharded:
+        shard(model, recipe.hardware.cpu_offload)
+        for copy_ in (full_ema.model if full_ema else None, frozen):
+            if copy_ is not None:
+                shard(copy_, recipe.hardware.cpu_offload)
+    elif layout.world > 1:
+        online = Replicated(model)
+    ema: EMA | AdapterEMA | None = full_ema
+    if method.reference == "ema" and lora:
+        ema = AdapterEMA(model, method.ema_decay, online.velocity)
+    if method.reference == "frozen":
+        reference = AdaptersDisabled(model, online.velocity) if lora else frozen
+    else:
+        reference = {"ema": ema.model if ema else None, "online": online}[method.reference]
+    rollout = ema.model if ema is not None else online
+    return online, ema, ObjectiveModels(online=online, reference=reference, rollout=rollout)  # type: ignore[arg-type]
 
 
 def _load_init(recipe: Recipe, model: nn.Module, console: Console) -> nn.Module | None:
@@ -301,19 +382,28 @@ def _save(
     directory: Path,
     recipe_yaml: str,
     model: nn.Module,
-    ema: EMA | None,
+    ema: EMA | AdapterEMA | None,
     meta: dict[str, Any],
     state: dict[str, Any],
+    layout: Layout,
 ) -> Path:
-    """A checkpoint at ``state["step"]``; a LoRA model writes only its trained tensors (adapters and embedder)."""
-    weights = {"model": _weights(model)}
+    """A checkpoint at ``state["step"]``; a LoRA model writes only its trained tensors (adapters and embedder).
+
+    Every process takes part in gathering the weights (FSDP); process 0 writes them.
+    """
+    weights = {"model": _weights(model, layout)}
     if ema is not None:
-        weights["ema"] = _weights(ema.model)
-    return save_checkpoint(directory, recipe_yaml, weights, {"step": state["step"], **meta}, state)
+        weights["ema"] = full_tensors(ema.model.shadow) if isinstance(ema, AdapterEMA) else _weights(ema.model, layout)
+    if layout.main:
+        save_checkpoint(directory, recipe_yaml, weights, {"step": state["step"], **meta}, state)
+    layout.barrier()
+    return directory
 
 
-def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    return model.trainable_state_dict() if getattr(model, "has_lora", False) else model.state_dict()  # type: ignore[operator]
+def _weights(model: nn.Module, layout: Layout) -> dict[str, torch.Tensor]:
+    """The full weights a checkpoint holds: everything, or a LoRA model's trained tensors only."""
+    keys = model._lora_keys if getattr(model, "has_lora", False) else None  # type: ignore[union-attr]
+    return full_state_dict(model, layout, keys)
 
 
 def _finite(value: float, digits: int) -> float | None:
@@ -335,17 +425,33 @@ def _truncate_log(log_path: Path, last_step: int) -> None:
 
 
 def _training_state(
-    optimizer: torch.optim.Optimizer, scheduler: Any, ema: EMA | None, guard: NonFiniteGuard, step: int
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    ema: EMA | AdapterEMA | None,
+    guard: NonFiniteGuard,
+    step: int,
+    layout: Layout,
 ) -> dict[str, Any]:
+    """What resuming needs besides the weights; every process takes part (FSDP gathers the optimizer state)."""
+    if layout.sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
+    else:
+        optimizer_state = optimizer.state_dict()
     state = {
         "step": step,
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer_state,
         "scheduler": scheduler.state_dict(),
         "ema_decay": ema.current_decay if ema is not None else None,
         "torch_rng": torch.get_rng_state(),
         "nonfinite_steps": guard.total,
         "nonfinite_in_a_row": guard.in_a_row,
     }
+    if layout.world > 1:
+        state["torch_rng_ranks"] = layout.gather(torch.get_rng_state())
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
     return state
@@ -357,10 +463,11 @@ def _resume(
     resume: bool | str,
     force: bool,
     model: nn.Module,
-    ema: EMA | None,
+    ema: EMA | AdapterEMA | None,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     meta: dict[str, Any],
+    layout: Layout,
     console: Console,
 ) -> dict[str, Any]:
     """Load the weights and training state of a checkpoint; return that state (``state["step"]``: where it was).
@@ -411,7 +518,11 @@ def _resume(
             f"{directory} is at step {state['step']}, the recipe stops at train.steps={recipe.train.steps}",
             hint="raise train.steps with --set train.steps=N to train further",
         )
-    if getattr(model, "has_lora", False):
+    if layout.sharded:  # full tensors into the shards
+        load_full_state_dict(model, read_weights(directory, "model"), layout)
+        if ema is not None:
+            load_full_state_dict(ema.model, read_weights(directory, "ema"), layout)
+    elif getattr(model, "has_lora", False):
         model.load_trainable_state_dict(read_weights(directory, "model"))  # type: ignore[operator]
         if ema is not None:
             ema.model.load_trainable_state_dict(read_weights(directory, "ema"))  # type: ignore[operator]
@@ -421,9 +532,15 @@ def _resume(
             load_weights(ema.model, directory, "ema")
     if ema is not None:
         ema.current_decay = state["ema_decay"]
-    optimizer.load_state_dict(state["optimizer"])
+    if layout.sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True)
+        set_optimizer_state_dict(model, optimizer, optim_state_dict=state["optimizer"], options=options)
+    else:
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
+    torch.set_rng_state(state.get("torch_rng_ranks", [state["torch_rng"]] * layout.world)[layout.rank])
     if "cuda_rng" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     console.print(f"Resuming from {directory} (step {state['step']}).")
@@ -496,12 +613,12 @@ def resolve_precision(precision: str, device: torch.device, console: Console | N
     return precision
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def _device(name: str, layout: Layout | None = None) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ApexError("hardware.device is 'cuda' but no CUDA device is available", hint="--set hardware.device=cpu")
-    return torch.device(name)
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", layout.local_rank if layout is not None else torch.cuda.current_device())
 
 
 def _progress(console: Console) -> Progress:

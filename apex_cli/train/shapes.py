@@ -28,6 +28,7 @@ from apex_cli.eval.geneval import generate_images, one_prompt_at_a_time, score_f
 from apex_cli.models.shapes import ShapesModel, images_to_tensor
 from apex_cli.train.checkpoint import atomic_write_text
 from apex_cli.train.sampling import TEACHER_MULTI_STEP, sampler_settings
+from apex_cli.train.tasks import WHOLE, Shard
 
 SHORT_TASK_NAMES = {
     "single_object": "single",
@@ -65,21 +66,19 @@ class ShapesTask:
         )
 
     def batches(
-        self, model: nn.Module, batch_size: int, seed: int, device: torch.device, skip: int = 0
+        self, model: nn.Module, batch_size: int, seed: int, device: torch.device, skip: int = 0, shard: Shard = WHOLE
     ) -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
         """``(images in [-1, 1] [B, 3, H, W], cached text embeddings)`` from the renderer.
 
-        Batch ``k`` is rendered from its own seed ``(seed, k)``, so a resumed run starts at batch ``skip`` at once.
+        Batch ``k`` is rendered from its own seed ``(seed, k)``, so a resumed run starts at batch ``skip`` at once;
+        process ``shard = (rank, world)`` gets its share of the rows.
         """
         size = self.recipe.data.image_size  # type: ignore[union-attr]
-        step = skip
-        while True:
-            step += 1
-            stream = shapes.training_stream(seed * 1_000_003 + step, size=size)
-            pairs = [next(stream) for _ in range(batch_size)]
-            x = images_to_tensor(np.stack([image for _, image in pairs])).to(device)
-            cond = model.encode_prompts([prompt for prompt, _ in pairs])  # type: ignore[operator]
-            yield x, {k: v.to(device) for k, v in cond.items()}
+        for prompts, images in shapes.training_batches(seed, batch_size, size, skip):
+            rank, world = shard
+            rows = slice(rank * batch_size // world, (rank + 1) * batch_size // world)
+            cond = model.encode_prompts(prompts[rows])  # type: ignore[operator]
+            yield images_to_tensor(images[rows]).to(device), {k: v.to(device) for k, v in cond.items()}
 
     def report(
         self, run_dir: Path, student: nn.Module | None, teacher: nn.Module, console: Console | None = None

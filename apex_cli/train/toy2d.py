@@ -20,6 +20,7 @@ from apex_cli.eval.energy import energy_distance
 from apex_cli.models.toy2d import Toy2dMLP
 from apex_cli.train.checkpoint import atomic_write_text
 from apex_cli.train.sampling import TEACHER_MULTI_STEP, TEACHER_ONE_STEP, sampler_settings
+from apex_cli.train.tasks import WHOLE, Shard, shard_rows
 
 EVAL_SEED = 20260422  # fixed, so every run of a recipe is measured on the same reference samples
 
@@ -39,15 +40,16 @@ class Toy2dTask:
         return Toy2dMLP(self.mixture.num_classes, cfg.hidden_dim, cfg.depth, cfg.embed_dim, cfg.target_time)
 
     def batches(
-        self, model: nn.Module, batch_size: int, seed: int, device: torch.device, skip: int = 0
+        self, model: nn.Module, batch_size: int, seed: int, device: torch.device, skip: int = 0, shard: Shard = WHOLE
     ) -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
-        """An endless, seeded stream of ``(x_data [B, 2], {"labels": [B]})``, after ``skip`` batches (resume)."""
+        """An endless, seeded stream of ``(x_data [B, 2], {"labels": [B]})``, after ``skip`` batches (resume);
+        process ``shard = (rank, world)`` gets its share of the rows of each batch."""
         generator = torch.Generator().manual_seed(seed)
         for _ in range(skip):  # cheap: replaying the draws puts the generator exactly where the run left it
             self.mixture.sample(batch_size, generator)
         while True:
             points, labels = self.mixture.sample(batch_size, generator)
-            yield points.to(device), {"labels": labels.to(device)}
+            yield shard_rows(points.to(device), {"labels": labels.to(device)}, shard)
 
     def report(
         self, run_dir: Path, student: nn.Module | None, teacher: nn.Module, console: Console | None = None

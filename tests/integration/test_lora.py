@@ -74,14 +74,14 @@ def lora_run(teacher, tmp_path_factory):
     """A 3-step LoRA distillation; also returns the in-memory online and EMA models at its end."""
     captured = {}
 
-    class RecordingEMA(loop.EMA):
+    class RecordingEMA(loop.AdapterEMA):  # a LoRA run's EMA holds the adapters only
         def update(self, model):
             super().update(model)
             captured.update(online=model, ema=self.model)
 
     out = tmp_path_factory.mktemp("lora") / "run"
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(loop, "EMA", RecordingEMA)
+        patch.setattr(loop, "AdapterEMA", RecordingEMA)
         run_distillation(_lora_recipe(teacher, out, 3))
     return out, captured
 

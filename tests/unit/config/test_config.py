@@ -3,7 +3,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from apex_cli.config import Recipe, builtin_recipes, dump_recipe, find_recipe, load_recipe, parse_yaml
+from apex_cli.config import (
+    Recipe,
+    builtin_recipes,
+    dump_recipe,
+    find_recipe,
+    load_recipe,
+    parse_yaml,
+    validate_recipe,
+)
 from apex_cli.errors import RecipeError
 
 RECIPES = Path(__file__).parents[3] / "recipes"
@@ -119,3 +127,44 @@ def test_builtin_recipe_text_is_valid_yaml_with_a_run_command():
     for name, text in builtin_recipes().items():
         assert f"apex distill --recipe {name}" in text
         assert yaml.safe_load(text)["description"]
+
+
+def _diffusers(**sections):
+    raw = {
+        "name": "t",
+        "model": {"name": "tiny-qwen-image"},
+        "data": {"name": "prompts", "path": "p.txt", "image_size": 32},
+        "train": {"steps": 1, "batch_size": 8, "lr": 1e-4},
+        "output": {"dir": "x", "evaluate": False},
+    }
+    for key, value in sections.items():
+        raw[key] = {**raw.get(key, {}), **value}
+    return raw
+
+
+@pytest.mark.parametrize(
+    ("sections", "fragment"),
+    [
+        ({"hardware": {"strategy": "fsdp"}}, "hardware.strategy: fsdp shards over processes"),
+        ({"hardware": {"cpu_offload": True}}, "hardware.cpu_offload: offloads FSDP shards; set hardware.strategy"),
+        ({"hardware": {"nodes": 2}}, "hardware.rdzv_endpoint: nodes > 1 needs the host:port"),
+        ({"hardware": {"processes": 3}}, "train.batch_size (8) must be a multiple of the 3 processes"),
+        ({"hardware": {"processes": 4}}, "train.batch_size (2 per process (8 over 4 processes)) is smaller"),
+        ({"data": {"image_size": 36}}, "data.image_size: tiny-qwen-image needs a multiple of 8 pixels"),
+        ({"data": {"name": "manifest", "path": "pairs.csv"}}, "data.path: a manifest is a .jsonl or .parquet file"),
+        ({"data": {"path": "p.csv"}}, "data.path: prompts come from a .txt, .jsonl or .parquet file"),
+        ({"model": {"name": "toy2d-mlp"}}, "data.name: model 'toy2d-mlp' trains on data 'toy2d', not 'prompts'"),
+        ({"hardware": {"strategy": "warp"}}, "hardware.strategy: Input should be 'ddp' or 'fsdp'"),
+    ],
+)
+def test_layout_and_data_errors_name_the_field_on_one_line(sections, fragment):
+    with pytest.raises(RecipeError) as err:
+        validate_recipe(_diffusers(**sections), "r.yaml", [])
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_an_fsdp_layout_validates_and_counts_its_processes():
+    recipe = validate_recipe(_diffusers(hardware={"processes": 2, "strategy": "fsdp"}), "r.yaml", [])
+    assert recipe.hardware.world_size == 2
+    with pytest.raises(RecipeError, match=r"hardware\.strategy: fsdp shards the blocks of a diffusers transformer"):
+        load_recipe("shapes-apex-cpu", ["hardware.processes=2", "hardware.strategy=fsdp"])
