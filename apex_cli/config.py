@@ -67,8 +67,9 @@ its ``time_emb_proj`` (where the (t, r) embedding enters each block), and the do
 """
 
 
-DIFFUSERS_FAMILIES = ("qwen-image", "sana", "sd3", "flux")
-"""The diffusers pipelines apex distills: QwenImagePipeline, SanaPipeline, StableDiffusion3Pipeline, FluxPipeline."""
+DIFFUSERS_FAMILIES = ("qwen-image", "sana", "sd3", "flux", "z-image")
+"""The diffusers pipelines apex distills: QwenImagePipeline, SanaPipeline, StableDiffusion3Pipeline, FluxPipeline,
+ZImagePipeline."""
 _DUAL_STREAM_ATTENTION = (
     "attn.to_q",
     "attn.to_k",
@@ -111,6 +112,17 @@ DIFFUSERS_LORA_TARGETS: dict[str, tuple[str, ...]] = {
         "ff_context.net.0.proj",
         "ff_context.net.2",
         "proj_mlp",
+    ),
+    # Z-Image's single-stream blocks (the noise and context refiners and the main layers): attention and the
+    # SwiGLU feed-forward.
+    "z-image": (
+        "attention.to_q",
+        "attention.to_k",
+        "attention.to_v",
+        "attention.to_out.0",
+        "feed_forward.w1",
+        "feed_forward.w2",
+        "feed_forward.w3",
     ),
 }
 """Default LoRA targets (module-name suffixes of the transformer) of each diffusers family."""
@@ -179,10 +191,21 @@ DIFFUSERS_MODEL_NAMES = (*DIFFUSERS_FAMILIES, *TINY_DIFFUSERS_MODELS)
 
 
 class DiffusersModelConfig(_Section):
-    """A diffusers flow-matching teacher: Qwen-Image, SANA, SD3 or FLUX from ``path`` (a local folder or a hub id),
-    or ``tiny-<family>``, the family's tiny random pipeline built offline (for tests and smoke runs)."""
+    """A diffusers flow-matching teacher: Qwen-Image, SANA, SD3, FLUX or Z-Image from ``path`` (a local folder or a
+    hub id), or ``tiny-<family>``, the family's tiny random pipeline built offline (for tests and smoke runs)."""
 
-    name: Literal["qwen-image", "sana", "sd3", "flux", "tiny-qwen-image", "tiny-sana", "tiny-sd3", "tiny-flux"]
+    name: Literal[
+        "qwen-image",
+        "sana",
+        "sd3",
+        "flux",
+        "z-image",
+        "tiny-qwen-image",
+        "tiny-sana",
+        "tiny-sd3",
+        "tiny-flux",
+        "tiny-z-image",
+    ]
     path: str | None = Field(
         None,
         validate_default=True,
@@ -204,7 +227,7 @@ class DiffusersModelConfig(_Section):
 
     @property
     def family(self) -> str:
-        """``qwen-image``, ``sana``, ``sd3`` or ``flux``."""
+        """``qwen-image``, ``sana``, ``sd3``, ``flux`` or ``z-image``."""
         return self.name.removeprefix("tiny-")
 
     @model_validator(mode="before")
@@ -493,7 +516,7 @@ MODEL_DATA: dict[str, tuple[str, ...]] = {
 }
 """The data each model name trains on (diffusers teachers: the shapes renderer, image folders, manifests, prompts)."""
 UNION_TAGS = {"model": set(MODEL_DATA), "data": {name for names in MODEL_DATA.values() for name in names}}
-IMAGE_MULTIPLE = {"qwen-image": 16, "sana": 32, "sd3": 16, "flux": 16}
+IMAGE_MULTIPLE = {"qwen-image": 16, "sana": 32, "sd3": 16, "flux": 16, "z-image": 16}
 """Image sides of the real teachers must be multiples of this: VAE factor (8; SANA's DC-AE 32) x patch (2; SANA 1)."""
 DataConfig = Annotated[
     Toy2dDataConfig | ShapesDataConfig | FolderDataConfig | ManifestDataConfig | PromptsDataConfig,

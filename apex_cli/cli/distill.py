@@ -89,8 +89,11 @@ def _memory_report(recipe: Recipe) -> str:
 
     if not isinstance(recipe.model, DiffusersModelConfig):
         return "# memory estimate: for diffusers teachers only (this model is small)"
-    from apex_cli.train.memory import GIB, estimate_memory
+    from apex_cli.train.memory import GIB, TRANSFORMER_CLASSES, estimate_memory
 
+    if recipe.model.family not in TRANSFORMER_CLASSES:
+        known = ", ".join(TRANSFORMER_CLASSES)
+        return f"# memory estimate: not available for {recipe.model.family} yet (estimated families: {known})"
     hardware = recipe.hardware
     estimate = estimate_memory(recipe)
     layout = f"{hardware.world_size} process(es), {hardware.strategy}, {recipe.model.dtype} weights"

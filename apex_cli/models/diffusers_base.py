@@ -1,15 +1,17 @@
-"""``F(x_t, t, r, c)`` of a diffusers flow-matching text-to-image pipeline: the shared part of the four adapters.
+"""``F(x_t, t, r, c)`` of a diffusers flow-matching text-to-image pipeline: the shared part of the five adapters.
 
 A :class:`DiffusersGenerator` wraps a stock pipeline (``QwenImagePipeline``, ``SanaPipeline``,
-``StableDiffusion3Pipeline`` or ``FluxPipeline``; one small subclass a family, in ``qwen_image.py``, ``sana.py``,
-``sd3.py``, ``flux.py``) and implements the model protocol of the objective (``core/objective.py``):
+``StableDiffusion3Pipeline``, ``FluxPipeline`` or ``ZImagePipeline``; one small subclass a family, in
+``qwen_image.py``, ``sana.py``, ``sd3.py``, ``flux.py``, ``z_image.py``) and implements the model protocol of the
+objective (``core/objective.py``):
 
 - ``velocity(x_t, t, r, cond)``: ``x_t`` are VAE latents ``[B, C, h, w]`` in the model's normalised latent space,
   ``t, r: [B]`` in apex's convention (t = 1 noise, t = 0 data, velocity ``z - x``: the flow-matching teachers'
   own, sigma = t). The subclass packs the latents into the transformer's tokens and converts ``t`` into the
   transformer's timestep units in one method, ``_transformer_timestep`` (table below); nothing else converts time.
 - ``text_projection``: the transformer's text-input projection whose output the condition shift acts on (E5):
-  Qwen-Image ``txt_in``, SANA ``caption_projection``, SD3 / FLUX ``context_embedder``.
+  Qwen-Image ``txt_in``, SANA ``caption_projection``, SD3 / FLUX ``context_embedder``, Z-Image ``cap_embedder``
+  (seen per sample: the transformer calls it on the batch's captions concatenated; see ``z_image.py``).
 - the target-time embedder (E4a) ``Emb2``: a copy of the transformer's timestep MLP, held by this module (not by the
   diffusers class, which is not edited) and added by a forward hook on the timestep MLP:
   ``emb = Emb1(t) + (t - r) Emb2(r)``. At ``r = t`` the hook adds exactly zero, so the student is the teacher there,
@@ -31,6 +33,10 @@ sinusoidal ``time_proj`` finally sees)::
     sana         1000 t * timestep_scale         1000 t * timestep_scale
     sd3          1000 t                          1000 t
     flux         t (the model multiplies by 1000) 1000 t
+    z-image      1 - |t| (reversed: 0 is noise)   1000 (1 - |t|) (its t_scale)
+
+Z-Image's transformer also predicts ``x - z`` (its pipeline negates it): the adapter returns the negative. Its time
+embedder sees ``|t|``, as in the released APEX Z-Image code: only the condition shift marks the fake rows there.
 
 Only the transformer and ``Emb2`` are registered submodules: ``state_dict()``, ``parameters()`` and ``train()``
 cover them alone. The text encoders, tokenizers, VAE and the prompt cache sit in a holder that ``copy.deepcopy``
@@ -261,8 +267,8 @@ class DiffusersGenerator(AdapterState, nn.Module):
         """The condition of ``prompts`` on the transformer's device; each distinct prompt is encoded once (no grad).
 
         Returns:
-            Named tensors with the batch on axis 0 (every family: ``embeds: [B, L, D]``; Qwen-Image and SANA add
-            ``mask: [B, L]``, SD3 and FLUX ``pooled: [B, P]``), the same ``L`` for every prompt.
+            Named tensors with the batch on axis 0 (every family: ``embeds: [B, L, D]``; Qwen-Image, SANA and
+            Z-Image add ``mask: [B, L]``, SD3 and FLUX ``pooled: [B, P]``), the same ``L`` for every prompt.
         """
         return self._conditions(list(prompts), unconditional=False)
 
@@ -510,12 +516,13 @@ GENERATOR_MODULES = {
     "sana": ("apex_cli.models.sana", "SanaGenerator"),
     "sd3": ("apex_cli.models.sd3", "SD3Generator"),
     "flux": ("apex_cli.models.flux", "FluxGenerator"),
+    "z-image": ("apex_cli.models.z_image", "ZImageGenerator"),
 }
 """Family -> (module, class) of its generator adapter."""
 
 
 def generator_class(family: str) -> type[DiffusersGenerator]:
-    """The adapter class of ``family`` (``"qwen-image"``, ``"sana"``, ``"sd3"`` or ``"flux"``).
+    """The adapter class of ``family`` (``"qwen-image"``, ``"sana"``, ``"sd3"``, ``"flux"`` or ``"z-image"``).
 
     Raises:
         ValueError: Unknown family.

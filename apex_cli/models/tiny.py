@@ -1,11 +1,12 @@
-"""Tiny random diffusers pipelines of the four supported families, built offline from code.
+"""Tiny random diffusers pipelines of the five supported families, built offline from code.
 
-``build_tiny_pipeline("qwen-image" | "sana" | "sd3" | "flux", seed)`` returns a stock ``QwenImagePipeline``,
-``SanaPipeline``, ``StableDiffusion3Pipeline`` or ``FluxPipeline`` whose every part (transformer, VAE, text
-encoders, tokenizers, scheduler) is a real library class at a tiny size with random weights, a function of
-``seed`` only. Nothing is downloaded: the tokenizers are built from hand-made vocabularies (the recipes of
-``docs/ecosystem-notes.md``, section 2). Use them for tests and as the ``tiny-<family>`` models of recipes;
-``save_tiny_pipeline`` writes one as a folder that ``<Pipeline>.from_pretrained`` loads.
+``build_tiny_pipeline("qwen-image" | "sana" | "sd3" | "flux" | "z-image", seed)`` returns a stock
+``QwenImagePipeline``, ``SanaPipeline``, ``StableDiffusion3Pipeline``, ``FluxPipeline`` or ``ZImagePipeline``
+whose every part (transformer, VAE, text encoders, tokenizers, scheduler) is a real library class at a tiny size
+with random weights, a function of ``seed`` only. Nothing is downloaded: the tokenizers are built from hand-made
+vocabularies (the recipes of ``docs/ecosystem-notes.md``, section 2). Use them for tests and as the
+``tiny-<family>`` models of recipes; ``save_tiny_pipeline`` writes one as a folder that
+``<Pipeline>.from_pretrained`` loads.
 
 Sizes (all at 32x32 pixels, 8x8 latents: every VAE downsamples 4x):
 
@@ -14,9 +15,11 @@ Sizes (all at 32x32 pixels, 8x8 latents: every VAE downsamples 4x):
     sana         SanaTransformer2DModel, 1 block        4 ch    16 + 48
     sd3          SD3Transformer2DModel, 2 blocks        4 ch    16 + 77 (CLIP) + 48 (T5)
     flux         FluxTransformer2DModel, 1 + 1 blocks   4 ch    16 + 48
+    z-image      ZImageTransformer2DModel, 1 + 1 + 2     4 ch    16 + up to 64 (the prompt in the chat template)
 
 The tiny Qwen tokenizer knows the words of the Qwen-Image prompt template, so the template's head is 34 tokens,
-as with the real tokenizer, and the pipeline's ``prompt_template_encode_start_idx = 34`` drops exactly it.
+as with the real tokenizer, and the pipeline's ``prompt_template_encode_start_idx = 34`` drops exactly it. Z-Image
+uses the same tokenizer with a minimal Qwen3 chat template (``Z_IMAGE_CHAT_TEMPLATE``) and a tiny ``Qwen3Model``.
 """
 
 from __future__ import annotations
@@ -26,10 +29,10 @@ from typing import Any
 
 import torch
 
-TINY_FAMILIES = ("qwen-image", "sana", "sd3", "flux")
+TINY_FAMILIES = ("qwen-image", "sana", "sd3", "flux", "z-image")
 TINY_IMAGE_SIZE = 32
 """Default image side of the tiny pipelines (8x8 latents)."""
-TINY_MAX_SEQUENCE_LENGTH = {"qwen-image": 64, "sana": 48, "sd3": 48, "flux": 48}
+TINY_MAX_SEQUENCE_LENGTH = {"qwen-image": 64, "sana": 48, "sd3": 48, "flux": 48, "z-image": 64}
 """Text tokens the tiny models are used with (Qwen: after the template's head; SD3: the T5 part). The tiny
 tokenizers spell most words letter by letter, so GenEval-style prompts take 20 to 50 tokens."""
 QWEN_TEMPLATE_WORDS = (
@@ -60,6 +63,12 @@ QWEN_TEMPLATE_WORDS = (
     ),
 )
 """Words of the Qwen-Image prompt template that the tiny Qwen tokenizer holds as single tokens."""
+Z_IMAGE_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+"""The part of Qwen3's chat template that ``ZImagePipeline`` uses (one user message, a generation prompt)."""
 
 
 def build_tiny_pipeline(family: str, seed: int = 0) -> Any:
@@ -72,7 +81,7 @@ def build_tiny_pipeline(family: str, seed: int = 0) -> Any:
     Raises:
         ValueError: Unknown family.
     """
-    builders = {"qwen-image": _qwen_image, "sana": _sana, "sd3": _sd3, "flux": _flux}
+    builders = {"qwen-image": _qwen_image, "sana": _sana, "sd3": _sd3, "flux": _flux, "z-image": _z_image}
     if family not in builders:
         raise ValueError(f"unknown tiny pipeline family {family!r}; expected one of {TINY_FAMILIES}")
     with torch.random.fork_rng(devices=[]):
@@ -223,7 +232,7 @@ def _autoencoder_kl(shift_factor: float, scaling_factor: float) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The four families
+# The five families
 
 
 def _qwen_image() -> Any:
@@ -413,5 +422,48 @@ def _flux() -> Any:
         tokenizer=clip,
         text_encoder_2=_t5_encoder(len(t5)),
         tokenizer_2=t5,
+        transformer=transformer,
+    )
+
+
+def _z_image() -> Any:
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    tokenizer = qwen_tokenizer()
+    tokenizer.chat_template = Z_IMAGE_CHAT_TEMPLATE
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,),
+        all_f_patch_size=(1,),
+        in_channels=4,
+        dim=32,
+        n_layers=2,
+        n_refiner_layers=1,
+        n_heads=2,
+        n_kv_heads=2,
+        cap_feat_dim=16,
+        axes_dims=[4, 6, 6],  # sums to the head dimension 16
+        axes_lens=[256, 16, 16],
+    )
+    text_encoder = Qwen3Model(
+        Qwen3Config(
+            hidden_size=16,
+            intermediate_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            head_dim=8,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=512,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
+        )
+    )
+    return ZImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_autoencoder_kl(shift_factor=0.1159, scaling_factor=0.3611),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
         transformer=transformer,
     )

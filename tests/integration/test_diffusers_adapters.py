@@ -1,8 +1,8 @@
-"""Generator adapters of the four diffusers families on tiny random pipelines built offline.
+"""Generator adapters of the five diffusers families on tiny random pipelines built offline.
 
-Every test runs on each of Qwen-Image, SANA, SD3 and FLUX. The teacher side is always the *stock* pipeline or its
-stock transformer called as the pipeline source calls it (``_stock_velocity``), so the adapters' packing, prompt
-encoding and time conversion are checked against diffusers itself, not against themselves.
+Every test runs on each of Qwen-Image, SANA, SD3, FLUX and Z-Image. The teacher side is always the *stock* pipeline
+or its stock transformer called as the pipeline source calls it (``_stock_velocity``), so the adapters' packing,
+prompt encoding and time conversion are checked against diffusers itself, not against themselves.
 """
 
 from __future__ import annotations
@@ -75,6 +75,10 @@ def _stock_velocity(pipe, family: str, x, t, cond):
                 encoder_hidden_states=cond["embeds"],
                 pooled_projections=cond["pooled"],
             )[0]
+        if family == "z-image":  # reversed time; one caption of its own length a sample; the output is -v
+            captions = [embeds[mask.bool()] for embeds, mask in zip(cond["embeds"], cond["mask"], strict=True)]
+            out = transformer(list(x.unsqueeze(2).unbind(0)), (1000 - sigma_1000) / 1000, captions, return_dict=False)
+            return -torch.stack(out[0]).squeeze(2)
         out = transformer(
             hidden_states=pipe._pack_latents(x, batch, channels, height, width),
             timestep=sigma_1000 / 1000,
@@ -138,8 +142,9 @@ def test_three_apex_steps_with_lora_train_only_the_adapters_and_the_target_time_
     frozen = [k for k in before if k not in trainable]
     assert frozen and all(torch.equal(after[k], before[k]) for k in frozen)
     # B starts at 0. The last dual-stream block's text queries and text outputs never reach the image tokens
-    # (Qwen-Image, SD3), so their adapters get no gradient; every other adapter trained.
-    last = f"transformer.transformer_blocks.{len(generator.transformer.transformer_blocks) - 1}."
+    # (Qwen-Image, SD3), so their adapters get no gradient; every other adapter trained (Z-Image: all of them).
+    blocks = "layers" if family == "z-image" else "transformer_blocks"
+    last = f"transformer.{blocks}.{len(generator.transformer.get_submodule(blocks)) - 1}."
     lora_b = [k for k in trainable if ".lora_B." in k]
     dead = [k for k in lora_b if not (after[k] != 0).any()]
     assert all(k.startswith(last) and any(s in k for s in ("add_q_proj", "to_add_out", "txt_mlp")) for k in dead), dead
@@ -194,6 +199,8 @@ def test_velocity_and_decode_match_one_step_of_the_stock_pipeline(family) -> Non
     kwargs = {"num_inference_steps": 1, "height": 32, "width": 32, "max_sequence_length": generator.max_sequence_length}
     if family in ("sana", "sd3"):
         kwargs.update(guidance_scale=1.0, latents=noise)  # no CFG: the conditional velocity alone
+    elif family == "z-image":
+        kwargs.update(guidance_scale=0.0, latents=noise)  # Z-Image: CFG for any guidance_scale > 0
     else:
         kwargs.update(latents=pack_2x2(noise))
     if family == "sana":
@@ -279,6 +286,30 @@ def test_condition_shift_hook_changes_exactly_the_masked_rows_of_the_text_projec
     assert torch.equal(shifted[~mask], plain[~mask])
     assert torch.equal(v_shift[~mask], v_plain[~mask])
     assert (v_shift[mask] - v_plain[mask]).abs().amax(dim=(1, 2, 3)).min() > 1e-5
+
+
+def test_z_image_condition_shift_negates_exactly_the_fake_samples_tokens_of_the_flat_cap_embedder_output() -> None:
+    """Z-Image's transformer calls ``cap_embedder`` on the batch's captions concatenated; the shift, applied to the
+    per-sample view ``text_projection``, must reach exactly the fake samples' tokens of that flat output."""
+    from diffusers.models.transformers.transformer_z_image import SEQ_MULTI_OF
+
+    generator = tiny("z-image")
+    x, t, _, cond = _inputs(generator)
+    mask = torch.tensor([True, False, True, False])
+    captured = []
+    lengths = [int(n) + (-int(n)) % SEQ_MULTI_OF for n in cond["mask"].sum(dim=1)]
+    token_mask = torch.repeat_interleave(mask, torch.tensor(lengths))
+    cap_embedder = generator.transformer.cap_embedder
+    with torch.no_grad():
+        handle = cap_embedder.register_forward_hook(lambda _m, _i, out: captured.append(out.clone()))
+        generator.velocity(x, t, t, cond)
+        with shifted_condition(generator.text_projection, ConditionShift("negate"), mask):
+            generator.velocity(x, t, t, cond)
+        handle.remove()
+    plain, shifted = captured
+    assert plain.shape[0] == sum(lengths)
+    assert torch.equal(shifted[token_mask], -plain[token_mask])
+    assert torch.equal(shifted[~token_mask], plain[~token_mask])
 
 
 @FAMILIES

@@ -57,7 +57,7 @@ def test_lora_distillation_of_a_tiny_qwen_image_writes_adapters_resumes_and_relo
     assert all(torch.equal(model.trainable_state_dict()[k], v) for k, v in saved.items())
 
 
-@pytest.mark.parametrize("family", ["sana", "sd3", "flux"])
+@pytest.mark.parametrize("family", ["sana", "sd3", "flux", "z-image"])
 def test_full_fine_tuning_of_a_tiny_teacher_runs_two_steps_and_reloads(family, tmp_path) -> None:
     run_distillation(_recipe(family, tmp_path / "run", 2, lora=False, extra=("method.reference=online",)))
     records = _log(tmp_path / "run")
