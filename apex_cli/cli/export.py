@@ -16,6 +16,7 @@ EXAMPLES = (
     "  apex export --ckpt runs/demo --format diffusers --out exports/shapes-1step\n\n"
     "  apex export --ckpt runs/shapes-apex-lora-cpu --format lora\n\n"
     "  apex export --ckpt runs/shapes-apex-lora-cpu/checkpoints/step_0001000 --format merged --overwrite\n\n"
+    "  apex export --ckpt runs/qwen-image-apex-lora --format lora   (diffusers teachers: lora or merged)\n\n"
     "Load a diffusers export with diffusers alone:\n\n"
     '  DiffusionPipeline.from_pretrained("exports/shapes-1step", trust_remote_code=True)("a photo of a red circle")\n\n'
     "Every export carries its sampler settings (apex_sampler.json: NFE, time grid, style, stochastic ratio, guidance)"
@@ -24,7 +25,9 @@ EXAMPLES = (
 FORMAT_HELP = (
     "diffusers: a complete pipeline folder for DiffusionPipeline.from_pretrained; lora: the adapters of a LoRA "
     "checkpoint for load_lora_weights; merged: the full model with the adapters fused. (ComfyUI's LoRA layout is not "
-    "offered: ComfyUI cannot load the shapes model it would apply to.)"
+    "offered: ComfyUI cannot load the shapes model it would apply to.) Students of diffusers teachers (Qwen-Image, "
+    "SANA, SD3, FLUX, Z-Image): lora (for the stock pipeline's load_lora_weights) or merged (transformer/ with the "
+    "adapters fused)."
 )
 
 
@@ -59,8 +62,22 @@ def export(
     stdout.print(
         f"exported {result.checkpoint} as {result.format}: {result.out}", markup=False, highlight=False, soft_wrap=True
     )
-    stdout.print(f"round trip: the samples match the checkpoint's (max abs difference {result.max_abs_diff:.2g})")
-    if result.format == "diffusers":
+    what = "velocities" if result.teacher else "samples"
+    stdout.print(f"round trip: the {what} match the checkpoint's (max abs difference {result.max_abs_diff:.2g})")
+    if result.teacher:
+        load = (
+            f'pipe.load_lora_weights("{result.out}") on the stock pipeline of {result.base}'
+            if result.format == "lora"
+            else f'pipe.transformer = <Transformer>.from_pretrained("{result.out / "transformer"}")'
+        )
+        stdout.print(
+            f"load it: {load}; the target-time embedder (the one-step map F(z, 1, 0)) is in "
+            f"{result.out / 'target_time_embedder.safetensors'}",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+    elif result.format == "diffusers":
         stdout.print(
             f'load it: DiffusionPipeline.from_pretrained("{result.out}", trust_remote_code=True)',
             markup=False,

@@ -80,6 +80,8 @@ class ExportResult:
     max_abs_diff: float
     files: list[str]
     base: str | None = None
+    teacher: bool = False
+    """A student of a diffusers teacher (its round trip compares velocities, not samples)."""
 
 
 def export_checkpoint(
@@ -105,30 +107,49 @@ def export_checkpoint(
         ApexError: Unknown format, unwritable or occupied ``out``, a checkpoint of another model (CheckpointError),
             ``lora`` of a full fine-tune, or a round trip that does not match.
     """
-    directory, meta = _exportable_checkpoint(ckpt, export_format)
+    directory, meta, teacher = _exportable_checkpoint(ckpt, export_format)
     out = Path(out) if out is not None else default_output(directory, f"export-{export_format}")
     staging = _staging_folder(out, overwrite)
+    stage = on_stage or (lambda _text: None)
     try:
         with quiet_libraries():
-            difference = _write_and_verify(staging, directory, export_format, on_stage or (lambda _text: None))
+            if teacher is None:
+                difference = _write_and_verify(staging, directory, export_format, stage)
+            else:
+                difference = _write_and_verify_teacher(staging, directory, export_format, stage)
+        what = "samples" if teacher is None else "velocities"
         if not difference <= ROUND_TRIP_ATOL:  # NaN fails too
             raise ApexError(
-                f"round trip failed: the {export_format} export's samples differ from the checkpoint's by "
+                f"round trip failed: the {export_format} export's {what} differ from the checkpoint's by "
                 f"{difference:.3g} (max abs, tolerance {ROUND_TRIP_ATOL:g}); nothing was written to {out}",
                 hint="this is a bug in apex export; please report it with the output of APEX_DEBUG=1",
             )
-        base = {"checkpoint": meta["base"], "sha256": meta.get("base_sha256", "")} if export_format == "lora" else None
-        _write_export_info(staging, export_format, directory, meta, difference, base)
+        if teacher is not None:
+            base = (
+                {"pipeline": teacher.path or teacher.name, "revision": teacher.revision}
+                if meta.get("adapters")
+                else None
+            )
+        elif export_format == "lora":
+            base = {"checkpoint": meta["base"], "sha256": meta.get("base_sha256", "")}
+        else:
+            base = None
+        model_name = MODEL_NAME if teacher is None else teacher.name
+        _write_export_info(staging, export_format, directory, meta, difference, base, model_name)
         publish(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
-    return ExportResult(out, export_format, directory, difference, files, base["checkpoint"] if base else None)
+    base_name = None if base is None else base.get("checkpoint") or base.get("pipeline")
+    return ExportResult(out, export_format, directory, difference, files, base_name, teacher is not None)
 
 
-def _exportable_checkpoint(ckpt: str | Path, export_format: str) -> tuple[Path, dict[str, Any]]:
-    """The checkpoint directory and metadata behind ``--ckpt``, after every check that needs no weights."""
+def _exportable_checkpoint(ckpt: str | Path, export_format: str) -> tuple[Path, dict[str, Any], Any]:
+    """The checkpoint directory and metadata behind ``--ckpt``, after every check that needs no weights, and the
+    recipe's ``DiffusersModelConfig`` for a student of a diffusers teacher (None for a shapes model)."""
+    from apex_cli.config import DiffusersModelConfig
+    from apex_cli.export.teachers import check_teacher_format
     from apex_cli.train.checkpoint import read_checkpoint
 
     if export_format not in FORMATS:
@@ -143,13 +164,28 @@ def _exportable_checkpoint(ckpt: str | Path, export_format: str) -> tuple[Path, 
             hint=f"export from its checkpoint: {read_json(source.path / EXPORT_FILE)['source']['checkpoint']}",
         )
     directory, recipe, meta = read_checkpoint(source.path)
+    if isinstance(recipe.model, DiffusersModelConfig):
+        check_teacher_format(recipe, directory, meta, export_format)
+        return directory, meta, recipe.model
     check_text_to_image(recipe, directory)
     if export_format == "lora" and not meta.get("adapters"):
         raise CheckpointError(
             f"{directory} is a full fine-tune (every weight trained), not LoRA adapters, so it has no --format lora",
             hint="use --format diffusers or --format merged for a full model; LoRA runs set model.lora in the recipe",
         )
-    return directory, meta
+    return directory, meta, None
+
+
+def _write_and_verify_teacher(
+    folder: Path, checkpoint: Path, export_format: str, stage: Callable[[str], None]
+) -> float:
+    """``teachers.write_and_verify`` with the checkpoint's sampler record; the round trip's max abs difference."""
+    from apex_cli.export.teachers import write_and_verify
+    from apex_cli.train.checkpoint import read_checkpoint
+
+    _, recipe, meta = read_checkpoint(checkpoint)
+    stage(f"writing the {export_format} export, then reloading it and comparing velocities")
+    return write_and_verify(folder, checkpoint, export_format, sampler_record(recipe, meta))
 
 
 def _write_and_verify(folder: Path, checkpoint: Path, export_format: str, stage: Callable[[str], None]) -> float:
@@ -312,7 +348,8 @@ def _write_export_info(
     checkpoint: Path,
     meta: dict[str, Any],
     difference: float,
-    base: dict[str, str] | None,
+    base: dict[str, Any] | None,
+    model_name: str = MODEL_NAME,
 ) -> None:
     """``apex_export.json``, last: what this is, where it came from, the round trip, and every file's hash."""
     from apex_cli.train.checkpoint import file_sha256
@@ -324,7 +361,7 @@ def _write_export_info(
     }
     info: dict[str, Any] = {
         "format": export_format,
-        "model": MODEL_NAME,
+        "model": model_name,
         "apex_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "source": {"checkpoint": str(checkpoint), "kind": meta.get("kind"), "step": meta.get("step")},
@@ -336,6 +373,15 @@ def _write_export_info(
         },
         "files": files,
     }
-    if base is not None:
+    if model_name != MODEL_NAME:
+        from apex_cli.export.teachers import ROUND_TRIP_TIMES
+
+        info["round_trip"]["compared"] = (
+            f"velocities F(z, t, t) at t = {list(ROUND_TRIP_TIMES)} and the one-step map F(z, 1, 0) of fixed-seed "
+            "latents (seeds as above)"
+        )
+    if base is not None and "checkpoint" in base:
         info["base"] = {**base, "export": f"apex export --ckpt {base['checkpoint']} --format diffusers"}
+    elif base is not None:
+        info["base"] = base
     _write_json(folder / EXPORT_FILE, info)
