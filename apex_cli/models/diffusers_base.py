@@ -45,6 +45,7 @@ shares instead of copying, so an EMA copy of a generator costs one transformer, 
 
 from __future__ import annotations
 
+import abc
 import copy
 from collections.abc import Sequence
 from pathlib import Path
@@ -98,7 +99,7 @@ class _TargetTimeHook:
         return output + (t - r).to(output.dtype)[:, None] * target
 
 
-class DiffusersGenerator(AdapterState, nn.Module):
+class DiffusersGenerator(AdapterState, nn.Module, metaclass=abc.ABCMeta):
     """``F(x_t, t, r, c)`` of a stock diffusers pipeline, with the E4a embedder and the E5 hook point.
 
     Subclasses set the class attributes and implement ``_encode``, ``_forward`` and the VAE pair. LoRA bookkeeping
@@ -315,6 +316,7 @@ class DiffusersGenerator(AdapterState, nn.Module):
         rows = [found[p] for p in prompts]
         return {key: torch.stack([row[key] for row in rows]).to(self.device) for key in rows[0]}
 
+    @abc.abstractmethod
     def _encode(self, prompts: list[str], unconditional: bool) -> dict[str, Tensor]:
         """Encode with the pipeline's own ``encode_prompt``; rows ``[n, ...]`` padded to ``max_sequence_length``."""
         raise NotImplementedError
@@ -358,26 +360,31 @@ class DiffusersGenerator(AdapterState, nn.Module):
         """Same as :meth:`velocity`."""
         return self.velocity(x_t, t, r, cond)
 
+    @abc.abstractmethod
     def _transformer_timestep(self, t: Tensor) -> Tensor:
         """apex time ``t`` -> the transformer's ``timestep`` argument (the one place time units are converted)."""
         raise NotImplementedError
 
+    @abc.abstractmethod
     def _time_proj_input(self, t: Tensor) -> Tensor:
         """apex time ``t`` -> what the transformer's ``time_proj`` sees for it (so ``Emb2(r)`` matches ``Emb1(t)``)."""
         raise NotImplementedError
 
+    @abc.abstractmethod
     def _forward(self, x_t: Tensor, timestep: Tensor, cond: dict[str, Tensor]) -> Tensor:
         """Pack ``x_t``, call the transformer, unpack: ``[B, C, h, w] -> [B, C, h, w]``."""
         raise NotImplementedError
 
     # --- VAE ---
 
+    @abc.abstractmethod
     @torch.no_grad()
     def encode_images(self, images: Tensor) -> Tensor:
         """Images ``[B, 3, H, W]`` in ``[-1, 1]`` -> normalised latents ``[B, C, h, w]`` (the VAE posterior's mean),
         computed where the VAE is and returned on the images' device and dtype."""
         raise NotImplementedError
 
+    @abc.abstractmethod
     @torch.no_grad()
     def decode_latents(self, latents: Tensor) -> Tensor:
         """Normalised latents ``[B, C, h, w]`` -> images ``[B, 3, H, W]`` in ``[-1, 1]`` (not clamped), on the
