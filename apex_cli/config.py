@@ -426,6 +426,10 @@ class TrainConfig(_Section):
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     warmup_steps: int = Field(0, ge=0)
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="after warm-up: constant, or cosine decay to final_lr_ratio x lr at the last step"
+    )
+    final_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine schedule: lr at the last step, as a share of lr")
     seed: int = 0
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = only the final one")
     keep_last: int = Field(

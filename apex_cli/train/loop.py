@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
-from apex_cli.config import DiffusersModelConfig, Recipe, dump_recipe, load_recipe
+from apex_cli.config import DiffusersModelConfig, Recipe, TrainConfig, dump_recipe, load_recipe
 from apex_cli.core.objective import ObjectiveModels, ObjectiveSettings, apex_loss
 from apex_cli.core.shift import ConditionShift
 from apex_cli.errors import ApexError, CheckpointError, RecipeError, RunInterruptedError
@@ -77,6 +78,23 @@ def is_teacher_recipe(recipe: Recipe) -> bool:
     """A recipe trains a teacher when every row is a flow-matching row with ``r = t`` (mul only, k = 0)."""
     roles = recipe.method.roles
     return roles.e2e == roles.any == roles.adv == 0 and recipe.method.consistency_ratio == 0
+
+
+def lr_factor(train: TrainConfig, step: int) -> float:
+    """The learning rate of optimizer step ``step`` (0-based), as a share of ``train.lr``.
+
+    A linear warm-up over ``warmup_steps``, then constant, or a cosine from 1 down to ``final_lr_ratio`` at
+    the last step (``steps - 1``). The cosine follows ``train.steps``, so a shorter run (``--set
+    train.steps=N``) decays over its own budget.
+    """
+    done = step + 1
+    warmup = max(train.warmup_steps, 1)
+    if done < warmup:
+        return done / warmup
+    if train.lr_schedule == "constant" or train.steps <= warmup:
+        return 1.0
+    progress = min((done - warmup) / (train.steps - warmup), 1.0)
+    return train.final_lr_ratio + (1 - train.final_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def objective_settings(recipe: Recipe) -> ObjectiveSettings:
@@ -195,8 +213,7 @@ def _run(
     train = recipe.train
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=train.lr, betas=train.betas, weight_decay=train.weight_decay)
-    warmup = max(train.warmup_steps, 1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, train))
     guard = NonFiniteGuard(recipe)
     monitor = CollapseMonitor(recipe.monitor) if kind == "student" else None
     first_step = 1
