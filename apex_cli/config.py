@@ -374,6 +374,12 @@ class MethodConfig(_Section):
     loss: Literal["barron", "l2"] = "barron"
     barron_c: float = Field(1e-3, gt=0)
     dist_match_coef: float = Field(0.5, ge=0, description="lambda_dm of the self-adversarial term (E12, E14)")
+    dist_match_warmup: int = Field(
+        0,
+        ge=0,
+        description="steps over which lambda_dm ramps linearly from 0 to dist_match_coef while the fake branch, "
+        "which starts as the teacher under S(c), learns the generator's velocity; 0 = full from step 1",
+    )
     adversarial_weighting: Literal["uniform", "kl"] = "uniform"
     shift: ShiftName = "negate"
     shift_seed: int = 0

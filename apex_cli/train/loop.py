@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import signal
@@ -113,6 +114,18 @@ def objective_settings(recipe: Recipe) -> ObjectiveSettings:
         adversarial_weighting=m.adversarial_weighting,
         cond_dropout=m.cond_dropout,
     )
+
+
+def warmed_up(settings: ObjectiveSettings, warmup: int, step: int) -> ObjectiveSettings:
+    """The settings of step ``step`` (1-based): ``lambda_dm`` ramps linearly to its value over ``warmup`` steps.
+
+    At initialisation the fake branch is the teacher under the shifted condition, not the generator's velocity,
+    so ``v_fake - v_real`` (E12) starts as noise; the ramp keeps it from steering the generator until the adv
+    rows have trained the branch.
+    """
+    if step >= warmup:
+        return settings
+    return dataclasses.replace(settings, dist_match_coef=settings.dist_match_coef * step / warmup)
 
 
 RESUMABLE_CHANGES = (
@@ -248,7 +261,9 @@ def _run(
             step_start = time.perf_counter()
             x_data, cond = next(batches)
             with autocast:
-                out = apex_loss(models, x_data, cond, model.unconditional(x_data.shape[0], device), settings, shift)
+                step_settings = warmed_up(settings, recipe.method.dist_match_warmup, step)
+                uncond = model.unconditional(x_data.shape[0], device)
+                out = apex_loss(models, x_data, cond, uncond, step_settings, shift)
             out.total.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, train.grad_clip)
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: DTensor

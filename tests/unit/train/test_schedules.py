@@ -1,4 +1,4 @@
-"""The learning-rate schedule: linear warm-up, then constant or a cosine down to ``final_lr_ratio``."""
+"""Schedules of the training loop: the learning rate (warm-up, constant or cosine) and the lambda_dm warm-up."""
 
 from __future__ import annotations
 
@@ -48,3 +48,15 @@ def test_schedule_drives_the_optimizer() -> None:
         scheduler.step()
     assert seen == pytest.approx([2.0 * lr_factor(train, s) for s in range(5)])
     assert seen[-1] == pytest.approx(1.0)
+
+
+def test_dist_match_warmup_ramps_lambda_dm() -> None:
+    from apex_cli.core.objective import ObjectiveSettings
+    from apex_cli.train.loop import warmed_up
+
+    settings = ObjectiveSettings(dist_match_coef=0.8)
+    assert [warmed_up(settings, 4, s).dist_match_coef for s in (1, 2, 3, 4, 9)] == pytest.approx(
+        [0.2, 0.4, 0.6, 0.8, 0.8]
+    )
+    assert warmed_up(settings, 0, 1) is settings  # no warm-up: the recipe's settings, untouched
+    assert warmed_up(settings, 4, 2).estimate_order == settings.estimate_order
