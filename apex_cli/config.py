@@ -473,8 +473,8 @@ class TrainConfig(_Section):
     max_minutes: float | None = Field(
         None,
         gt=0,
-        description="wall-clock budget of the training steps: the run stops after the step that reaches it and "
-        "writes final/ (resumable: --resume continues it); null = run all train.steps",
+        description="wall-clock budget of the training steps: the run stops when one more step (as long as the "
+        "last) would pass it, and writes final/ (resumable: --resume continues it); null = run all train.steps",
     )
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = only the final one")
     keep_last: int = Field(

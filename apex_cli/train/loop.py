@@ -147,8 +147,9 @@ def run_distillation(
     """Train the recipe's model and write checkpoints, metrics and the report into ``output.dir``.
 
     Every step appends one line to ``metrics.jsonl`` (loss terms, grad norm, lr, images/s, and on CUDA the peak
-    memory; on monitoring steps the collapse monitor's values). With ``train.max_minutes`` the run stops after the
-    step that reaches that many minutes of training and writes ``final/`` at that step (``--resume`` continues).
+    memory; on monitoring steps the collapse monitor's values). With ``train.max_minutes`` the run stops when one
+    more step, as long as the last one, would pass that many minutes of training (at least one step is taken), and
+    writes ``final/`` at that step (``--resume`` continues).
     A step whose loss or gradient is not finite is skipped (no update) and logged; ``train.max_nonfinite_steps`` of
     them in a row stop the run (TrainingError).
 
@@ -272,7 +273,8 @@ def _run(
             # One sync a step: the logged values (averaged over processes), which also decide whether the step may
             # update the weights, whether a stop was asked on any process and whether the time budget is spent.
             stop_asked = torch.tensor(float(stop.signal is not None), device=grad_norm.device)
-            time_up = torch.tensor(float(time.perf_counter() - start >= budget), device=grad_norm.device)
+            now = time.perf_counter()  # train.max_minutes: stop when another step like this one would pass it
+            time_up = torch.tensor(float(now - start + (now - step_start) > budget), device=grad_norm.device)
             terms = {**out.terms, **critic_terms}
             values = [*(v.float() for v in terms.values()), grad_norm.float(), stop_asked, time_up]
             values = layout.mean(torch.stack(values).to(device)).tolist()
@@ -322,7 +324,7 @@ def _run(
                 save_periodic(step)
             if time_up_now and step < train.steps:  # train.max_minutes: final/ at this step, resumable
                 last_step = step
-                console.print(f"train.max_minutes={train.max_minutes:g} reached after step {step}: stopping")
+                console.print(f"train.max_minutes={train.max_minutes:g} spent after step {step}: stopping")
                 break
     train_seconds = time.perf_counter() - start
     state = _training_state(model, optimizer, scheduler, ema, critic, guard, last_step, layout)

@@ -56,7 +56,7 @@ def test_max_minutes_stops_cleanly_with_a_final_checkpoint_that_resumes(tiny_sha
     run = tmp_path / "run"
     overrides = [*tiny_shapes, f"model.init={tiny_shapes_teacher}", f"output.dir={run}", "train.steps=50"]
     result = _distill("shapes-apex-cpu", [*overrides, "train.max_minutes=1e-6"])
-    assert "reached after step 1" in result.output
+    assert "spent after step 1" in result.output
     assert json.loads((run / "final" / "meta.json").read_text())["step"] == 1
     assert json.loads((run / "metrics.json").read_text())["train_seconds"] < 60
     _distill("shapes-apex-cpu", [*overrides, "train.max_minutes=1e-6"], "--resume")  # one more step, from final/
