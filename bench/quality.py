@@ -2,7 +2,7 @@
 
 Each method distils the shipped shapes teacher (``shipped:shapes-teacher``) with its recipe (``recipes/shapes-*-cpu``,
 all ``shapes-apex-cpu`` but for the method) for the same training time, set by ``train.max_minutes``: the run stops
-after the step that reaches the budget and writes ``final/``. The budget is spent in stages (``--resume`` continues
+when one more step would pass the budget and writes ``final/``. The budget is spent in stages (``--resume`` continues
 each stage exactly where the last one stopped), and after each stage the student (its EMA weights) is measured at
 NFE 1, after the last at NFE 1, 2 and 4: GenEval-shapes overall and per task (the quick suite, 60 prompts x 4
 images, detector ``shapes``) and FID against 2000 renderer images (shapes features), with the code of the end-of-run
@@ -12,9 +12,10 @@ report (``ShapesTask.measure``). The teacher's rows at NFE 50 / 4 / 1 come from 
 Methods: ``apex`` (shift negate), ``apex-affine``, ``apex-negate+negative_time``, ``twinflow`` (negative time only),
 ``consistency`` (no adv rows, no E12) and ``dmd2`` (a separate fake-score network).
 
-Budget: the whole command, training and measuring, fits ``--budget`` on the 2-core machine it was planned on: 78
-minutes in full mode (6 methods x 3 seeds; with bench/speed.py, ``make bench`` stays within 90 minutes), 10 minutes
-with ``--quick`` (6 methods x seed 0). A share of it (``Mode.train_share``) is training, split equally over the runs.
+Budget: the whole command, training and measuring, is planned to fit 78 minutes on the 2-core machine in full mode
+(6 methods x 3 seeds; ``make bench`` leaves the other 12 of its 90 minutes to bench/speed.py) and 10 minutes with
+``--quick`` (6 methods x seed 0). A share of it (``Mode.train_share``) is training, split equally over the runs:
+182 s a run in 3 stages (full), 55 s in 2 stages (quick).
 
     python bench/quality.py                 # full: writes bench/results/quality.json and docs/benchmarks-*.svg
     python bench/quality.py --quick         # quick: bench/results/quality-quick.json and bench/results/*-quick.svg
