@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # Elsewhere, install torch for your platform first, or override: make test TORCH_SPEC="torch torchvision"
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test test-fast lint format bench clean
+.PHONY: install demo test test-fast lint format bench bench-quick bench-toy2d clean
 
 install: $(STAMP)
 
@@ -42,7 +42,18 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# docs/benchmarks.md, from scratch: APEX against consistency distillation, TwinFlow and DMD2 on the shipped shapes
+# teacher. Quality is planned to 78 minutes in all, which leaves 12 of the 90 for speed and memory on 2 CPU cores.
+# bench-quick: the same, shorter (quality in 10 minutes). bench-toy2d: the 2-D proof (docs/toy2d.md).
 bench: $(STAMP)
+	$(BIN)/python bench/quality.py --from-scratch
+	$(BIN)/python bench/speed.py
+
+bench-quick: $(STAMP)
+	$(BIN)/python bench/quality.py --quick --from-scratch
+	$(BIN)/python bench/speed.py --quick
+
+bench-toy2d: $(STAMP)
 	$(BIN)/python bench/step_cost.py
 	$(BIN)/python bench/toy2d_ablation.py
 

@@ -362,8 +362,31 @@ class RoleFractions(_Section):
         return (self.e2e, self.mul, self.any, self.adv)
 
 
+class FakeScoreConfig(_Section):
+    """The DMD2 baseline's separate fake-score network (Yin et al. 2024, arXiv 2405.14867; apex_cli/core/dmd.py).
+
+    A trainable copy of the teacher, trained by flow matching (r = t) on the student's detached one-step samples with
+    its own AdamW; the generator follows ``v_fake - v_real`` with the frozen teacher as the real score (E12's form).
+    """
+
+    updates: int = Field(
+        5, ge=1, description="fake-score updates per generator update (DMD2's two-time-scale rule; 5 in the paper)"
+    )
+    lr: float | None = Field(None, gt=0, description="learning rate of the fake score (constant); null = train.lr")
+    real_guidance: float = Field(
+        0.0,
+        ge=0,
+        description="classifier-free guidance g of the real score F_c + g (F_c - F_u) of the frozen teacher "
+        "(DMD2's real guidance scale; the teacher's own sampler.guidance reproduces the distribution it samples)",
+    )
+
+
 class MethodConfig(_Section):
-    """The APEX objective (method.md E4-E14). Plain flow matching: only ``mul`` rows, k = 0, N = 0."""
+    """The APEX objective (method.md E4-E14). Plain flow matching: only ``mul`` rows, k = 0, N = 0.
+
+    Baselines in the same framework: consistency distillation = APEX without adv rows and ``dist_match_coef: 0``;
+    TwinFlow = ``shift: negative_time``; DMD2 = ``fake_score`` set (a separate fake-score network, no adv rows).
+    """
 
     roles: RoleFractions = RoleFractions()
     time_dist: tuple[float, float, float] = Field((1.0, 1.0, 1.0), description="t ~ Beta(a, b) * s")
@@ -386,6 +409,11 @@ class MethodConfig(_Section):
     reference: Literal["online", "ema", "frozen"] = Field("ema", description="F_ref of E7 (and E8 rollout)")
     ema_decay: float = Field(0.99, gt=0, lt=1)
     cond_dropout: float = Field(0.0, ge=0, lt=1, description="share of rows trained unconditionally (CFG)")
+    fake_score: FakeScoreConfig | None = Field(
+        None,
+        description="null = APEX: the student under the shifted condition is its own fake score (E5, E12); a "
+        "section = the DMD2 baseline: a separate fake-score network trained alongside the student",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> MethodConfig:
@@ -397,7 +425,18 @@ class MethodConfig(_Section):
                 f"enhanced_ratio must be < 1 with reference {self.reference!r} (guidance compounds to "
                 f"1 / (1 - lambda)); got {self.enhanced_ratio}. Use reference: frozen for lambda >= 1"
             )
-        if self.dist_match_coef > 0 and (self.roles.adv == 0 or self.roles.e2e == 0):
+        if self.fake_score is not None:
+            if self.roles.adv > 0:
+                raise ValueError(
+                    "fake_score: the DMD2 baseline's fake score is a separate network, so it has no adv rows; set "
+                    "roles.adv: 0"
+                )
+            if self.dist_match_coef == 0 or self.roles.e2e == 0:
+                raise ValueError(
+                    "fake_score: the DMD2 baseline trains the generator by distribution matching on the e2e rows; "
+                    "set dist_match_coef > 0 and roles.e2e > 0"
+                )
+        elif self.dist_match_coef > 0 and (self.roles.adv == 0 or self.roles.e2e == 0):
             raise ValueError("dist_match_coef > 0 needs roles.adv > 0 and roles.e2e > 0 (set it to 0 to disable)")
         return self
 
@@ -437,6 +476,12 @@ class TrainConfig(_Section):
     )
     final_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine schedule: lr at the last step, as a share of lr")
     seed: int = 0
+    max_minutes: float | None = Field(
+        None,
+        gt=0,
+        description="wall-clock budget of the training steps: the run stops when one more step (as long as the "
+        "last) would pass it, and writes final/ (resumable: --resume continues it); null = run all train.steps",
+    )
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = only the final one")
     keep_last: int = Field(
         0, ge=0, description="periodic checkpoints kept, the newest complete ones (final/ is always kept); 0 = all"
@@ -594,6 +639,16 @@ class Recipe(_Section):
                 f"train.batch_size ({self.train.batch_size // world}{per_process}) is smaller than the {active} "
                 "active method.roles"
             )
+        if self.method.fake_score is not None:
+            if world > 1:
+                raise ValueError(
+                    "method.fake_score: the DMD2 baseline runs in one process; set hardware.processes and "
+                    "hardware.nodes to 1"
+                )
+            if getattr(self.model, "init", None) is None and not isinstance(self.model, DiffusersModelConfig):
+                raise ValueError(
+                    "method.fake_score: the DMD2 baseline distils a teacher (its real score); set model.init to one"
+                )
         if self.hardware.strategy == "fsdp" and not isinstance(self.model, DiffusersModelConfig):
             raise ValueError(
                 f"hardware.strategy: fsdp shards the blocks of a diffusers transformer; {self.model.name!r} is small "

@@ -18,7 +18,7 @@ Randomness comes from torch's global generator (seeded by the training loop, sav
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -32,6 +32,11 @@ Condition = Mapping[str, Tensor]
 """A text (or class) condition: named tensors, every one with the batch on axis 0."""
 
 ROLES = ("e2e", "mul", "any", "adv")
+
+Direction = Callable[[Tensor, Condition, Condition], Tensor]
+"""``(x_generated [n, ...], cond, uncond) -> dv [n, ...]``: the distribution-matching direction of the e2e rows'
+one-step samples (E12). APEX's is :func:`adversarial_direction` (the online network's own fake branch); the DMD2
+baseline's is ``apex_cli.core.dmd.distribution_matching_direction`` (a separate fake-score network)."""
 
 
 class VelocityModel(Protocol):
@@ -280,6 +285,38 @@ def time_weight(t: Tensor, r: Tensor) -> Tensor:
     return torch.tan((1 - (t.abs() - r.abs())) * math.pi / 2.5) + 1
 
 
+def renoise(x_generated: Tensor) -> tuple[Tensor, Tensor]:
+    """Re-noise generator samples at fresh times (E12): ``t' ~ U(0, 1)``, ``x_t' = (1 - t') x_g + t' z''``.
+
+    Args:
+        x_generated: Detached one-step samples ``[n, ...]``.
+
+    Returns:
+        ``(x_t', t')``: ``[n, ...]`` and ``[n]``.
+    """
+    t = torch.rand(x_generated.shape[0], device=x_generated.device, dtype=x_generated.dtype)
+    return interpolate(x_generated, torch.randn_like(x_generated), t), t
+
+
+def matching_direction(gap: Tensor, t: Tensor, weighting: str = "uniform", clip: float = 1.0) -> Tensor:
+    """``dv = clip(w(t') (v_fake - v_real), -clip, clip)`` (E12, E13), shared by APEX and the DMD2 baseline.
+
+    Args:
+        gap: ``v_fake - v_real`` at the re-noised samples, ``[n, ...]``.
+        t: Their times ``t'``, ``[n]``.
+        weighting: ``"uniform"`` (``w = 1``, the released code) or ``"kl"`` (``w = (1 - t')^2 / t'``, E13).
+        clip: Clip of ``dv``.
+
+    Raises:
+        ValueError: On an unknown weighting.
+    """
+    if weighting == "kl":
+        gap = gap * broadcast_time((1 - t).pow(2) / t.clamp_min(1e-4), gap)
+    elif weighting != "uniform":
+        raise ValueError(f"unknown adversarial weighting {weighting!r}; expected 'uniform' or 'kl'")
+    return gap.clamp(-clip, clip)
+
+
 def adversarial_direction(
     model: VelocityModel,
     x_generated: Tensor,
@@ -305,18 +342,12 @@ def adversarial_direction(
         ``dv`` of shape ``[n, ...]``, without gradient.
     """
     n = x_generated.shape[0]
-    t = torch.rand(n, device=x_generated.device, dtype=x_generated.dtype)
-    x_t = interpolate(x_generated, torch.randn_like(x_generated), t)
+    x_t, t = renoise(x_generated)
     fake_mask = torch.arange(2 * n, device=x_generated.device) < n
     t2 = torch.cat([t, t])
     both = evaluate(model, torch.cat([x_t, x_t]), t2, t2, cat_conditions(cond, cond), shift, fake_mask)
     v_fake, v_real = both.chunk(2)
-    gap = v_fake - v_real
-    if weighting == "kl":
-        gap = gap * broadcast_time((1 - t).pow(2) / t.clamp_min(1e-4), gap)
-    elif weighting != "uniform":
-        raise ValueError(f"unknown adversarial weighting {weighting!r}; expected 'uniform' or 'kl'")
-    return gap.clamp(-clip, clip)
+    return matching_direction(v_fake - v_real, t, weighting, clip)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -365,7 +396,8 @@ def apex_loss(
     cond: Condition,
     uncond: Condition,
     settings: ObjectiveSettings,
-    shift: ConditionShift,
+    shift: ConditionShift | None,
+    direction: Direction | None = None,
 ) -> LossOutput:
     """One APEX step's loss (E14): ``L = L_main + lambda_dm L_adv``.
 
@@ -375,11 +407,17 @@ def apex_loss(
         cond: Conditions of the rows, batch ``B``.
         uncond: The unconditional condition ``e`` repeated to batch ``B``.
         settings: Objective knobs.
-        shift: Condition-shift operator of the fake branch.
+        shift: Condition-shift operator of the fake branch (None only without adv rows).
+        direction: Where ``dv`` of E12 comes from; None: the online network's fake branch
+            (:func:`adversarial_direction`, needs adv rows). The DMD2 baseline passes its separate fake-score
+            network's direction here and has no adv rows.
 
     Returns:
-        The total loss, the terms ``main``, ``fake`` (adv rows' flow matching), ``adversarial``, and the
-        one-step samples of the e2e rows (for monitoring), if any.
+        The total loss, the terms ``main``, ``fake`` (adv rows' flow matching), ``adversarial`` (the
+        distribution-matching term, E12), and the one-step samples of the e2e rows (for monitoring), if any.
+
+    Raises:
+        ValueError: If there are adv rows but no shift.
     """
     roles = split_roles(x_data.shape[0], settings.role_fractions)
     t, r = sample_times(roles, settings.time_dist, settings.consistency_ratio, x_data.device, x_data.dtype)
@@ -394,6 +432,8 @@ def apex_loss(
     x = x_data
     fake_mask = None
     if roles.adv:
+        if shift is None:
+            raise ValueError("adv rows evaluate the fake branch, which needs a condition shift; got shift=None")
         with torch.no_grad():
             x_fake = one_step(online, torch.randn_like(x_data[n_real:]), slice_condition(cond, n_real, roles.total))
         x = torch.cat([x_data[:n_real], x_fake])
@@ -424,13 +464,15 @@ def apex_loss(
     generated = None
     if roles.e2e:
         generated = predict_data(x_t[: roles.e2e], velocity[: roles.e2e].detach(), t[: roles.e2e])
-    if settings.dist_match_coef > 0 and roles.e2e and roles.adv:
+    if settings.dist_match_coef > 0 and roles.e2e and (roles.adv or direction is not None):
         f_e2e = velocity[: roles.e2e]
+        cond_e2e = slice_condition(cond, 0, roles.e2e)
         with torch.no_grad():
-            direction = adversarial_direction(
-                online, generated, slice_condition(cond, 0, roles.e2e), shift, settings.adversarial_weighting
-            )
-        loss_adv = per_sample_loss(f_e2e, f_e2e.detach() - direction, settings.loss, settings.barron_c).mean()
+            if direction is None:
+                dv = adversarial_direction(online, generated, cond_e2e, shift, settings.adversarial_weighting)  # type: ignore[arg-type]
+            else:
+                dv = direction(generated, cond_e2e, slice_condition(uncond, 0, roles.e2e))
+        loss_adv = per_sample_loss(f_e2e, f_e2e.detach() - dv, settings.loss, settings.barron_c).mean()
         total = total + settings.dist_match_coef * loss_adv  # (E14)
         terms["adversarial"] = loss_adv.detach()
     terms["total"] = total.detach()

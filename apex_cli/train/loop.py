@@ -1,7 +1,8 @@
 """The training loop of `apex distill`, readable top to bottom: setup, steps, checkpoints, report.
 
-One loop serves teacher training (plain flow matching: the objective with only ``mul`` rows) and APEX
-distillation; the recipe's ``method`` section is the only difference. The same loop runs as one of several
+One loop serves teacher training (plain flow matching: the objective with only ``mul`` rows), APEX
+distillation and its baselines (consistency distillation, TwinFlow, and DMD2 with a separate fake-score network,
+``method.fake_score``); the recipe's ``method`` section is the only difference. The same loop runs as one of several
 processes (launched by torchrun, ``train/parallel.py``): DDP or FSDP2 around the online model, each process its
 share of every batch, the logged values averaged over processes, and process 0 writing the files.
 """
@@ -51,6 +52,8 @@ from apex_cli.train.checkpoint import (
     weights_stem,
 )
 from apex_cli.train.ema import EMA, AdapterEMA, AdaptersDisabled
+from apex_cli.train.fake_score import WEIGHTS_STEM as FAKE_SCORE_STEM
+from apex_cli.train.fake_score import FakeScore
 from apex_cli.train.guards import CollapseMonitor, NonFiniteGuard
 from apex_cli.train.parallel import (
     Layout,
@@ -130,6 +133,7 @@ def warmed_up(settings: ObjectiveSettings, warmup: int, step: int) -> ObjectiveS
 
 RESUMABLE_CHANGES = (
     "train.steps",
+    "train.max_minutes",
     "train.checkpoint_every",
     "train.keep_last",
     "train.max_nonfinite_steps",
@@ -156,8 +160,11 @@ def run_distillation(
     """Train the recipe's model and write checkpoints, metrics and the report into ``output.dir``.
 
     Every step appends one line to ``metrics.jsonl`` (loss terms, grad norm, lr, images/s, and on CUDA the peak
-    memory; on monitoring steps the collapse monitor's values). A step whose loss or gradient is not finite is
-    skipped (no update) and logged; ``train.max_nonfinite_steps`` of them in a row stop the run (TrainingError).
+    memory; on monitoring steps the collapse monitor's values). With ``train.max_minutes`` the run stops when one
+    more step, as long as the last one, would pass that many minutes of training (at least one step is taken), and
+    writes ``final/`` at that step (``--resume`` continues).
+    A step whose loss or gradient is not finite is skipped (no update) and logged; ``train.max_nonfinite_steps`` of
+    them in a row stop the run (TrainingError).
 
     Args:
         recipe: The resolved recipe.
@@ -218,6 +225,8 @@ def _run(
     if recipe.hardware.gradient_checkpointing:
         getattr(model, model.ADAPTED_MODULE).enable_gradient_checkpointing()  # type: ignore[attr-defined]
     online, ema, models = _arrange(recipe, model, teacher, layout)
+    real = real_score(recipe, model, teacher, models, online)
+    critic = FakeScore(recipe, model, real) if real is not None else None  # the DMD2 baseline's fake score
     settings = objective_settings(recipe)
     shift = ConditionShift(recipe.method.shift, seed=recipe.method.shift_seed)
     if layout.world > 1:  # every process draws its own noise (the model above is the same on all of them)
@@ -231,7 +240,7 @@ def _run(
     monitor = CollapseMonitor(recipe.monitor) if kind == "student" else None
     first_step = 1
     if resume:
-        state = _resume(recipe, run_dir, resume, force, model, ema, optimizer, scheduler, meta, layout, console)
+        state = _resume(recipe, run_dir, resume, force, model, ema, critic, optimizer, scheduler, meta, layout, console)
         first_step = state["step"] + 1
         guard.total, guard.in_a_row = state.get("nonfinite_steps", 0), state.get("nonfinite_in_a_row", 0)
     shard = (layout.rank, layout.world)
@@ -247,33 +256,45 @@ def _run(
 
     def save_periodic(step: int) -> Path:
         """``checkpoints/step_<step>``, then the oldest ones beyond ``train.keep_last`` are deleted."""
-        state = _training_state(model, optimizer, scheduler, ema, guard, step, layout)
-        saved = _save(run_dir / "checkpoints" / f"step_{step:07d}", recipe_yaml, model, ema, meta, state, layout)
+        state = _training_state(model, optimizer, scheduler, ema, critic, guard, step, layout)
+        saved = _save(
+            run_dir / "checkpoints" / f"step_{step:07d}", recipe_yaml, model, ema, critic, meta, state, layout
+        )
         if train.keep_last and layout.main:
             rotate_checkpoints(run_dir, train.keep_last)
         return saved
 
     start = time.perf_counter()
+    budget = 60 * train.max_minutes if train.max_minutes is not None else math.inf
+    last_step = train.steps
     log = log_path.open("a", buffering=1) if layout.main else contextlib.nullcontext(None)
     with _progress(console) as progress, log as log_file, _stop_signals() as stop:
         task_id = progress.add_task(f"{kind} {recipe.name}", total=train.steps, completed=first_step - 1, loss="")
         for step in range(first_step, train.steps + 1):
             step_start = time.perf_counter()
             x_data, cond = next(batches)
+            critic_terms = {} if critic is None else critic.update(online, cond, x_data.shape, autocast)
             with autocast:
                 step_settings = warmed_up(settings, recipe.method.dist_match_warmup, step)
                 uncond = model.unconditional(x_data.shape[0], device)
-                out = apex_loss(models, x_data, cond, uncond, step_settings, shift)
+                if critic is None:
+                    out = apex_loss(models, x_data, cond, uncond, step_settings, shift)
+                else:
+                    out = critic.loss(models, x_data, cond, uncond, step_settings)
             out.total.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, train.grad_clip)
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: DTensor
             # One sync a step: the logged values (averaged over processes), which also decide whether the step may
-            # update the weights, and whether a stop was asked on any process.
+            # update the weights, whether a stop was asked on any process and whether the time budget is spent.
             stop_asked = torch.tensor(float(stop.signal is not None), device=grad_norm.device)
-            values = [*(v.float() for v in out.terms.values()), grad_norm.float(), stop_asked]
+            now = time.perf_counter()  # train.max_minutes: stop when another step like this one would pass it
+            time_up = torch.tensor(float(now - start + (now - step_start) > budget), device=grad_norm.device)
+            terms = {**out.terms, **critic_terms}
+            values = [*(v.float() for v in terms.values()), grad_norm.float(), stop_asked, time_up]
             values = layout.mean(torch.stack(values).to(device)).tolist()
+            time_up_now = values.pop() > 0
             stop_now = values.pop() > 0
-            record: dict[str, Any] = {k: _finite(v, 6) for k, v in zip([*out.terms, "grad_norm"], values, strict=True)}
+            record: dict[str, Any] = {k: _finite(v, 6) for k, v in zip([*terms, "grad_norm"], values, strict=True)}
             skipped = guard.check(record["total"], record["grad_norm"])
             if skipped is None:
                 optimizer.step()
@@ -315,9 +336,13 @@ def _run(
                 )
             if train.checkpoint_every and step % train.checkpoint_every == 0 and step < train.steps:
                 save_periodic(step)
+            if time_up_now and step < train.steps:  # train.max_minutes: final/ at this step, resumable
+                last_step = step
+                console.print(f"train.max_minutes={train.max_minutes:g} spent after step {step}: stopping")
+                break
     train_seconds = time.perf_counter() - start
-    state = _training_state(model, optimizer, scheduler, ema, guard, train.steps, layout)
-    checkpoint = _save(run_dir / FINAL, recipe_yaml, model, ema, meta, state, layout)
+    state = _training_state(model, optimizer, scheduler, ema, critic, guard, last_step, layout)
+    checkpoint = _save(run_dir / FINAL, recipe_yaml, model, ema, critic, meta, state, layout)
 
     metrics: dict[str, Any] = {}
     if recipe.output.evaluate and layout.main:
@@ -369,6 +394,23 @@ def _arrange(
     return online, ema, ObjectiveModels(online=online, reference=reference, rollout=rollout)  # type: ignore[arg-type]
 
 
+def real_score(
+    recipe: Recipe, model: nn.Module, teacher: nn.Module | None, models: ObjectiveModels, online: Any
+) -> Any:
+    """The frozen teacher that the DMD2 baseline's real score evaluates (None without ``method.fake_score``).
+
+    Call it before the first step. A frozen reference (E7) is that same teacher and is reused, so the two cost one
+    copy; a LoRA student's teacher is itself with the adapters off (no copy).
+    """
+    if recipe.method.fake_score is None:
+        return None
+    if recipe.method.reference == "frozen":
+        return models.reference
+    if getattr(model, "has_lora", False):
+        return AdaptersDisabled(model, online.velocity)
+    return teacher if teacher is not None else copy.deepcopy(model).requires_grad_(False).eval()
+
+
 def _load_init(recipe: Recipe, model: nn.Module, console: Console) -> nn.Module | None:
     """Load ``model.init`` into ``model`` (training it first from ``model.init_recipe`` if it is missing).
 
@@ -415,17 +457,21 @@ def _save(
     recipe_yaml: str,
     model: nn.Module,
     ema: EMA | AdapterEMA | None,
+    critic: FakeScore | None,
     meta: dict[str, Any],
     state: dict[str, Any],
     layout: Layout,
 ) -> Path:
     """A checkpoint at ``state["step"]``; a LoRA model writes only its trained tensors (adapters and embedder).
 
+    The DMD2 baseline's fake score is saved beside the model (``fake_score.safetensors``), to resume from.
     Every process takes part in gathering the weights (FSDP); process 0 writes them.
     """
     weights = {"model": _weights(model, layout)}
     if ema is not None:
         weights["ema"] = full_tensors(ema.model.shadow) if isinstance(ema, AdapterEMA) else _weights(ema.model, layout)
+    if critic is not None:
+        weights[FAKE_SCORE_STEM] = _weights(critic.network, layout)
     if layout.main:
         save_checkpoint(directory, recipe_yaml, weights, {"step": state["step"], **meta}, state)
     layout.barrier()
@@ -461,6 +507,7 @@ def _training_state(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     ema: EMA | AdapterEMA | None,
+    critic: FakeScore | None,
     guard: NonFiniteGuard,
     step: int,
     layout: Layout,
@@ -482,6 +529,8 @@ def _training_state(
         "nonfinite_steps": guard.total,
         "nonfinite_in_a_row": guard.in_a_row,
     }
+    if critic is not None:
+        state["fake_score"] = critic.state_dict()
     if layout.world > 1:
         state["torch_rng_ranks"] = layout.gather(torch.get_rng_state())
     if torch.cuda.is_available():
@@ -496,6 +545,7 @@ def _resume(
     force: bool,
     model: nn.Module,
     ema: EMA | AdapterEMA | None,
+    critic: FakeScore | None,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     meta: dict[str, Any],
@@ -558,10 +608,16 @@ def _resume(
         model.load_trainable_state_dict(read_weights(directory, "model"))  # type: ignore[operator]
         if ema is not None:
             ema.model.load_trainable_state_dict(read_weights(directory, "ema"))  # type: ignore[operator]
+        if critic is not None:
+            critic.network.load_trainable_state_dict(read_weights(directory, FAKE_SCORE_STEM))
     else:
         load_weights(model, directory, "model")
         if ema is not None:
             load_weights(ema.model, directory, "ema")
+        if critic is not None:
+            load_weights(critic.network, directory, FAKE_SCORE_STEM)
+    if critic is not None:
+        critic.load_state_dict(state["fake_score"])
     if ema is not None:
         ema.current_decay = state["ema_decay"]
     if layout.sharded:

@@ -5,11 +5,15 @@ The formula, per process (``N`` processes; ``s = N`` under ``strategy: fsdp``, e
     weights      = (W_base + W_train) / s                      the transformer (frozen base + what trains)
                  + W_ema / s     full fine-tuning with reference ema: a copy; LoRA: the adapters only
                  + W_frozen / s  full fine-tuning with reference frozen: a copy (LoRA: adapters off, no copy)
+                 + W_fake + W_frozen   the DMD2 baseline (method.fake_score, one process): its fake score, a whole
+                                 copy, and the frozen teacher of its real score (shared with a frozen reference;
+                                 LoRA: adapters off, no copy)
                  + 2 W_block     fsdp: the gathered block in use and the one prefetched
                  + W_encoders    text encoders + VAE, only where they stay on the GPU (the shapes renderer);
                                  captioned data are cached on disk first, then the encoders leave the GPU
-    gradients    = W_train / s                                 (in the trainable parameters' dtype)
-    optimizer    = 2 W_train / s                               (AdamW's two moments, in the parameters' dtype)
+    gradients    = W_train / s                                 (in the trainable parameters' dtype; x 2 for DMD2)
+    optimizer    = 2 W_train / s                               (AdamW's two moments, in the parameters' dtype; x 2
+                                                               for DMD2: the fake score has its own AdamW)
     activations  = b (A_base + sum_l A_l)                      saved for backward, b = rows per process
                  = b (A_base + L A_in + max_l A_l)             with gradient checkpointing (block inputs only,
                                                                plus one block recomputed in the backward)
@@ -489,6 +493,13 @@ def estimate_memory(recipe: Recipe) -> MemoryEstimate:
         details.append("frozen copy")
     elif method.reference == "frozen":
         details.append("frozen reference = adapters off (no copy)")
+    fake_score = method.fake_score is not None  # the DMD2 baseline: one process, so no shards
+    if fake_score:
+        weights += w_all
+        details.append("DMD2 fake score (a copy)")
+        if method.reference != "frozen" and not lora:
+            weights += w_all
+            details.append("frozen teacher (real score)")
     if shards > 1:
         weights += 2 * w_block
         details.append(f"/{shards} shards + 2 gathered blocks ({w_block / GIB:.2f} GiB each)")
@@ -506,8 +517,8 @@ def estimate_memory(recipe: Recipe) -> MemoryEstimate:
     if offload:
         weights = 2 * w_block
         details = [f"cpu_offload: only the 2 gathered blocks ({w_block / GIB:.2f} GiB each) on the GPU"]
-    gradients = 0.0 if offload else w_train / shards
-    optimizer = 0.0 if offload else 2 * w_train / shards
+    gradients = 0.0 if offload else w_train / shards * (2 if fake_score else 1)
+    optimizer = 0.0 if offload else 2 * w_train / shards * (2 if fake_score else 1)
 
     image_tokens, text_tokens = tokens(recipe, transformer_config)
     rows = recipe.train.batch_size // hardware.world_size
@@ -538,8 +549,9 @@ def estimate_memory(recipe: Recipe) -> MemoryEstimate:
             "weights": "; ".join(details),
             "gradients": f"{sum(p.numel() for p in train) / 1e6:.1f}M trainable ({train[0].dtype})".replace(
                 "torch.", ""
-            ),
-            "optimizer": "AdamW: 2 moments",
+            )
+            + (" x 2 (student, fake score)" if fake_score else ""),
+            "optimizer": "AdamW: 2 moments" + (" x 2 (student, fake score)" if fake_score else ""),
             "activations": f"{rows} rows x ({image_tokens} image + {text_tokens} text tokens), {act_detail}",
             "transient": "largest of: one block of a no-grad forward, AdamW's foreach temporaries",
         },
@@ -547,49 +559,96 @@ def estimate_memory(recipe: Recipe) -> MemoryEstimate:
     )
 
 
+@dataclass
+class PreparedStep:
+    """One training step of a recipe, built as ``run_distillation`` builds it, callable again and again.
+
+    ``step()`` takes the next batch and runs the DMD2 baseline's fake-score updates (``method.fake_score``), the
+    loss, the backward pass, the gradient clip, the optimizer step and the EMA update. ``networks`` names every
+    network a step evaluates (the student, its EMA copy, the frozen teacher, the fake score): what a forward counter
+    hooks; ``tracked`` what a memory tracker follows (modules and optimizers).
+    """
+
+    step: Any
+    networks: dict[str, nn.Module]
+    tracked: list[Any]
+
+
+def prepare_step(recipe: Recipe, device: str | torch.device = "cpu") -> PreparedStep:
+    """Build the run of ``recipe`` (task, model, adapters, references, fake score, optimizers, data) without its
+    ``model.init`` weights (the step's cost does not depend on their values), single process.
+    """
+    from apex_cli.core.objective import apex_loss
+    from apex_cli.core.shift import ConditionShift
+    from apex_cli.train.fake_score import FakeScore
+    from apex_cli.train.loop import _arrange, objective_settings, real_score
+    from apex_cli.train.parallel import Layout
+    from apex_cli.train.tasks import build_task
+
+    device = torch.device(device)
+    torch.manual_seed(recipe.train.seed)
+    task = build_task(recipe)
+    model = task.build_model().to(device)
+    lora = getattr(recipe.model, "lora", None)
+    if lora is not None:
+        kwargs = {"init": lora.init} if isinstance(recipe.model, DiffusersModelConfig) else {}
+        model.add_lora(lora.rank, lora.alpha, lora.target_modules, lora.dropout, **kwargs)  # type: ignore[operator]
+    if recipe.hardware.gradient_checkpointing:
+        getattr(model, model.ADAPTED_MODULE).enable_gradient_checkpointing()  # type: ignore[operator]
+    online, ema, models = _arrange(recipe, model, None, Layout())
+    real = real_score(recipe, model, None, models, online)
+    critic = FakeScore(recipe, model, real) if real is not None else None
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    train = recipe.train
+    optimizer = torch.optim.AdamW(trainable, lr=train.lr, betas=train.betas, weight_decay=train.weight_decay)
+    prepare = getattr(task, "prepare", None)
+    if prepare is not None:
+        prepare(model, device)
+    batches = task.batches(online, train.batch_size, train.seed, device)  # type: ignore[arg-type]
+    settings, shift = objective_settings(recipe), ConditionShift(recipe.method.shift, seed=recipe.method.shift_seed)
+
+    def step() -> None:
+        x_data, cond = next(batches)
+        if critic is not None:
+            critic.update(online, cond, x_data.shape)
+        uncond = model.unconditional(x_data.shape[0], device)  # type: ignore[operator]
+        if critic is None:
+            out = apex_loss(models, x_data, cond, uncond, settings, shift)
+        else:
+            out = critic.loss(models, x_data, cond, uncond, settings)
+        out.total.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, train.grad_clip)
+        optimizer.step()
+        if ema is not None:
+            ema.update(model)
+        optimizer.zero_grad(set_to_none=True)
+
+    networks: dict[str, nn.Module] = {"student": model}
+    if isinstance(getattr(ema, "model", None), nn.Module):
+        networks["ema"] = ema.model  # type: ignore[union-attr]
+    for name, network in (("reference", models.reference), ("teacher", real)):
+        if isinstance(network, nn.Module) and all(network is not n for n in networks.values()):
+            networks[name] = network
+    if critic is not None:
+        networks["fake_score"] = critic.network
+    tracked: list[Any] = [*networks.values(), optimizer, *([critic.optimizer] if critic is not None else [])]
+    return PreparedStep(step, networks, tracked)
+
+
 def measure_step_memory(recipe: Recipe) -> dict[str, float]:
     """The peak memory of one training step of ``recipe``, measured (tensors live at the peak, by category).
 
-    Builds the run as ``run_distillation`` does (task, model, adapters, references, optimizer, the cache pass), takes
-    one untracked step (so the optimizer states exist), then tracks the second step, from the batch to the optimizer
-    step and the EMA update, with torch's ``MemTracker`` (``torch.distributed._tools.mem_tracker``: every tensor
-    storage made or held, device by device). Single process, for the tiny models on the CPU.
+    Builds the run with :func:`prepare_step`, takes one untracked step (so the optimizer states exist), then tracks
+    the second step, from the batch to the optimizer step and the EMA update, with torch's ``MemTracker``
+    (``torch.distributed._tools.mem_tracker``: every tensor storage made or held, device by device). Single process,
+    on the CPU; the DMD2 baseline's fake score, its optimizer and its updates are part of the step.
 
     Returns:
         ``{"parameters", "gradients", "optimizer", "activations", "temporaries", "peak"}`` in bytes, at the peak.
     """
     from torch.distributed._tools.mem_tracker import MemTracker
 
-    from apex_cli.core.objective import apex_loss
-    from apex_cli.core.shift import ConditionShift
-    from apex_cli.train.loop import _arrange, objective_settings
-    from apex_cli.train.parallel import Layout
-    from apex_cli.train.tasks import build_task
-
-    torch.manual_seed(recipe.train.seed)
-    task = build_task(recipe)
-    model = task.build_model()
-    lora = getattr(recipe.model, "lora", None)
-    if lora is not None:
-        model.add_lora(lora.rank, lora.alpha, lora.target_modules, lora.dropout, lora.init)  # type: ignore[operator]
-    if recipe.hardware.gradient_checkpointing:
-        model.transformer.enable_gradient_checkpointing()  # type: ignore[operator]
-    online, ema, models = _arrange(recipe, model, None, Layout())
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=recipe.train.lr)
-    task.prepare(model, torch.device("cpu"))  # type: ignore[attr-defined]
-    batches = task.batches(online, recipe.train.batch_size, recipe.train.seed, torch.device("cpu"))
-    settings, shift = objective_settings(recipe), ConditionShift(recipe.method.shift, seed=recipe.method.shift_seed)
-
-    def step() -> None:
-        x_data, cond = next(batches)
-        out = apex_loss(models, x_data, cond, model.unconditional(x_data.shape[0]), settings, shift)  # type: ignore[operator]
-        out.total.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, recipe.train.grad_clip)
-        optimizer.step()
-        if ema is not None:
-            ema.update(model)
-        optimizer.zero_grad(set_to_none=True)
+    prepared = prepare_step(recipe)
 
     class StepTracker(MemTracker):  # storages only: its per-module hooks refuse frozen parameters and repeated calls
         def _pre_fw_hook(self, module: nn.Module, inputs: Any) -> None:
@@ -604,13 +663,11 @@ def measure_step_memory(recipe: Recipe) -> dict[str, float]:
         def _post_bw_hook(self, module: nn.Module, args: Any) -> None:
             pass
 
-    step()
+    prepared.step()
     tracker = StepTracker()
-    tracker.track_external(
-        model, optimizer, *([ema.model] if isinstance(getattr(ema, "model", None), nn.Module) else [])
-    )
+    tracker.track_external(*prepared.tracked)
     with tracker:
-        step()
+        prepared.step()
     peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
     by_name = {str(key.value) if hasattr(key, "value") else str(key): float(value) for key, value in peak.items()}
     return {

@@ -96,7 +96,7 @@ class ShapesTask:
             f"teacher_{nfe}": (teacher, replace(TEACHER_MULTI_STEP, nfe=nfe, guidance=guidance))
             for nfe in TEACHER_REPORT_NFE
         }
-        cached = self._cached_teacher_rows(guidance) if student is not None else {}
+        cached = self.cached_teacher_rows(guidance) if student is not None else {}
         if student is not None:
             sets.update({f"student_{nfe}": (student, sampler_settings(self.recipe.sampler, nfe)) for nfe in (1, 2, 4)})
         rows = {**cached, **self.measure(run_dir, {k: v for k, v in sets.items() if k not in cached}, console)}
@@ -171,7 +171,7 @@ class ShapesTask:
             "image_size": self.recipe.data.image_size,  # type: ignore[union-attr]
         }
 
-    def _cached_teacher_rows(self, guidance: float) -> dict[str, dict[str, Any]]:
+    def cached_teacher_rows(self, guidance: float) -> dict[str, dict[str, Any]]:
         """The teacher's rows measured when it was shipped (``report-teacher.json`` beside its weights), if that file
         was measured on exactly this teacher, suite, seeds, guidance and FID reference; else ``{}`` (measure them).
 

@@ -109,9 +109,9 @@ def test_stored_teacher_rows_are_ignored_when_their_key_differs(runs) -> None:
     cache = report.write_teacher_report(root / "teacher")
     task = report.ShapesTask(load_recipe("shapes-apex-cpu", [f"model.init={root / 'teacher'}"]))
     guidance = task.teacher_guidance()
-    assert set(task._cached_teacher_rows(guidance)) == {"teacher_50", "teacher_4", "teacher_1"}
-    assert task._cached_teacher_rows(guidance + 1.0) == {}  # other guidance
+    assert set(task.cached_teacher_rows(guidance)) == {"teacher_50", "teacher_4", "teacher_1"}
+    assert task.cached_teacher_rows(guidance + 1.0) == {}  # other guidance
     stored = json.loads(cache.read_text())
     stored["key"]["weights_sha256"] = "0" * 64  # other weights
     cache.write_text(json.dumps(stored))
-    assert task._cached_teacher_rows(guidance) == {}
+    assert task.cached_teacher_rows(guidance) == {}

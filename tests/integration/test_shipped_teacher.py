@@ -38,7 +38,7 @@ def test_the_recipe_reproduces_the_shipped_teacher() -> None:
 def test_the_stored_report_rows_belong_to_these_weights() -> None:
     """`make demo` reuses them instead of sampling the teacher at 50 guided steps: their key must match."""
     task = report.ShapesTask(load_recipe("shapes-apex-cpu"))
-    rows = task._cached_teacher_rows(task.teacher_guidance())
+    rows = task.cached_teacher_rows(task.teacher_guidance())
     assert list(rows) == ["teacher_50", "teacher_4", "teacher_1"]
     assert rows["teacher_50"]["overall"] > rows["teacher_1"]["overall"]
 
