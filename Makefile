@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 
 # The demo distils the shipped shapes teacher with the shapes-apex-cpu recipe, on a shorter budget than the
 # recipe's own (DEMO_STEPS), and prints the report table; runs/demo/samples.png is the sample grid.
-DEMO_STEPS ?= 100
+DEMO_STEPS ?= 400
 
 demo: $(STAMP)
 	$(BIN)/apex distill --recipe shapes-apex-cpu --set train.steps=$(DEMO_STEPS) --set output.dir=runs/demo --overwrite
