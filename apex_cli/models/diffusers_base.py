@@ -319,7 +319,6 @@ class DiffusersGenerator(AdapterState, nn.Module, metaclass=abc.ABCMeta):
     @abc.abstractmethod
     def _encode(self, prompts: list[str], unconditional: bool) -> dict[str, Tensor]:
         """Encode with the pipeline's own ``encode_prompt``; rows ``[n, ...]`` padded to ``max_sequence_length``."""
-        raise NotImplementedError
 
     def _text_device(self) -> torch.device:
         return next(self.pipeline.text_encoder.parameters()).device
@@ -363,17 +362,14 @@ class DiffusersGenerator(AdapterState, nn.Module, metaclass=abc.ABCMeta):
     @abc.abstractmethod
     def _transformer_timestep(self, t: Tensor) -> Tensor:
         """apex time ``t`` -> the transformer's ``timestep`` argument (the one place time units are converted)."""
-        raise NotImplementedError
 
     @abc.abstractmethod
     def _time_proj_input(self, t: Tensor) -> Tensor:
         """apex time ``t`` -> what the transformer's ``time_proj`` sees for it (so ``Emb2(r)`` matches ``Emb1(t)``)."""
-        raise NotImplementedError
 
     @abc.abstractmethod
     def _forward(self, x_t: Tensor, timestep: Tensor, cond: dict[str, Tensor]) -> Tensor:
         """Pack ``x_t``, call the transformer, unpack: ``[B, C, h, w] -> [B, C, h, w]``."""
-        raise NotImplementedError
 
     # --- VAE ---
 
@@ -382,14 +378,12 @@ class DiffusersGenerator(AdapterState, nn.Module, metaclass=abc.ABCMeta):
     def encode_images(self, images: Tensor) -> Tensor:
         """Images ``[B, 3, H, W]`` in ``[-1, 1]`` -> normalised latents ``[B, C, h, w]`` (the VAE posterior's mean),
         computed where the VAE is and returned on the images' device and dtype."""
-        raise NotImplementedError
 
     @abc.abstractmethod
     @torch.no_grad()
     def decode_latents(self, latents: Tensor) -> Tensor:
         """Normalised latents ``[B, C, h, w]`` -> images ``[B, 3, H, W]`` in ``[-1, 1]`` (not clamped), on the
         latents' device and dtype."""
-        raise NotImplementedError
 
     def _vae_input(self, images: Tensor) -> Tensor:
         vae = self.vae

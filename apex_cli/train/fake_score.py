@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 from typing import Any
 
 import torch
@@ -74,7 +73,7 @@ class FakeScore:
                 loss = fake_score_loss(self.network, x_generated, cond, method.time_dist, method.loss, method.barron_c)
             loss.backward()
             norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.recipe.train.grad_clip)
-            if math.isfinite(loss.item()) and math.isfinite(norm.item()):
+            if bool(torch.isfinite(loss.detach()) & torch.isfinite(norm)):  # one host sync an update
                 self.optimizer.step()
             else:
                 self.skipped += 1
