@@ -404,6 +404,11 @@ class MethodConfig(_Section):
         "which starts as the teacher under S(c), learns the generator's velocity; 0 = full from step 1",
     )
     adversarial_weighting: Literal["uniform", "kl"] = "uniform"
+    dist_match_loss: Literal["barron", "l2"] | None = Field(
+        None,
+        description="rho of the self-adversarial term (E12); null = the same as loss. barron gives the push a unit "
+        "size per sample whatever |v_fake - v_real| is; l2 scales it with the gap",
+    )
     shift: ShiftName = "negate"
     shift_seed: int = 0
     reference: Literal["online", "ema", "frozen"] = Field("ema", description="F_ref of E7 (and E8 rollout)")

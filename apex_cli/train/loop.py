@@ -115,6 +115,7 @@ def objective_settings(recipe: Recipe) -> ObjectiveSettings:
         barron_c=m.barron_c,
         dist_match_coef=m.dist_match_coef,
         adversarial_weighting=m.adversarial_weighting,
+        adversarial_loss=m.dist_match_loss or m.loss,
         cond_dropout=m.cond_dropout,
     )
 

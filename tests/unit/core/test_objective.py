@@ -223,6 +223,23 @@ def test_no_gradient_reaches_any_target(monkeypatch):
     assert torch.isfinite(out.total)
 
 
+@pytest.mark.parametrize(("main", "adversarial"), [("barron", "l2"), ("l2", "barron"), ("barron", "barron")])
+def test_the_adversarial_term_uses_its_own_loss(monkeypatch, main, adversarial):
+    kinds = []
+    original = objective.per_sample_loss
+
+    def recording(pred, target, kind="barron", c=1e-3):
+        kinds.append(kind)
+        return original(pred, target, kind, c)
+
+    monkeypatch.setattr(objective, "per_sample_loss", recording)
+    model = _toy()
+    settings = ObjectiveSettings(loss=main, adversarial_loss=adversarial, estimate_order=1)
+    x, cond = torch.randn(8, 2, dtype=D64), {"labels": torch.arange(8) % 3}
+    apex_loss(ObjectiveModels(model, model, model), x, cond, model.unconditional(8), settings, ConditionShift("negate"))
+    assert kinds == [main, adversarial]
+
+
 def test_fresh_student_reproduces_the_teacher_at_r_equal_t():
     teacher = _toy(0)
     student = _toy(0)
