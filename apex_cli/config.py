@@ -409,6 +409,18 @@ class MethodConfig(_Section):
         description="rho of the self-adversarial term (E12); null = the same as loss. barron gives the push a unit "
         "size per sample whatever |v_fake - v_real| is; l2 scales it with the gap",
     )
+    fake_weight: float = Field(
+        1.0,
+        gt=0,
+        description="weight of the adv rows (the fake branch's flow matching) in L_main (E10, E11); 1 = the "
+        "released code. Larger lets the fake branch follow a fast-moving generator more closely",
+    )
+    e2e_weight: float = Field(
+        1.0,
+        ge=0,
+        description="extra weight of the e2e rows' consistency target (E8) in L_main (E10, E11); 1 = the released "
+        "code. 0 leaves the one-step map to the self-adversarial term alone (E12), as DMD2 trains its generator",
+    )
     shift: ShiftName = "negate"
     shift_seed: int = 0
     reference: Literal["online", "ema", "frozen"] = Field("ema", description="F_ref of E7 (and E8 rollout)")

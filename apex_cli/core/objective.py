@@ -369,6 +369,8 @@ class ObjectiveSettings:
     dist_match_coef: float = 0.5
     adversarial_weighting: str = "uniform"
     adversarial_loss: str = "barron"
+    fake_weight: float = 1.0
+    e2e_weight: float = 1.0
     cond_dropout: float = 0.0
     target_clip: float = 1.0
 
@@ -450,7 +452,8 @@ def apex_loss(
             target = torch.cat([real, v[n_real:]])
     rho = per_sample_loss(velocity, target, settings.loss, settings.barron_c)
     weight = time_weight(t, r)
-    weight[n_real:] = 1  # (E10): adv rows are not weighted
+    weight[: roles.e2e] *= settings.e2e_weight  # (E10) w(1, 0) = 1, times the recipe's e2e weight (1 by default)
+    weight[n_real:] = settings.fake_weight  # (E10): adv rows are not time-weighted (1 by default)
     included = torch.ones_like(weight)
     if settings.estimate_order == 0:  # without E8 only mul and adv rows have a target (section 5)
         included[: roles.e2e] = 0

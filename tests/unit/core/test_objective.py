@@ -240,6 +240,45 @@ def test_the_adversarial_term_uses_its_own_loss(monkeypatch, main, adversarial):
     assert kinds == [main, adversarial]
 
 
+def _weighted_losses(roles, estimate_order, **weights):
+    """The objective (l2, no E12) on one fixed batch and seed, once per value of the one weight knob given."""
+    ((name, values),) = weights.items()
+    model = _toy()
+    x, cond = torch.randn(8, 2, dtype=D64), {"labels": torch.arange(8) % 3}
+    outs = {}
+    for value in values:
+        settings = ObjectiveSettings(
+            role_fractions=roles, estimate_order=estimate_order, loss="l2", dist_match_coef=0.0, **{name: value}
+        )
+        torch.manual_seed(5)
+        outs[value] = apex_loss(
+            ObjectiveModels(model, model, model), x, cond, model.unconditional(8), settings, ConditionShift("negate")
+        )
+    return outs
+
+
+def test_fake_weight_scales_only_the_adv_rows():
+    outs = _weighted_losses((0, 1, 0, 1), 0, fake_weight=(1.0, 3.0))
+    # 4 mul rows and 4 adv rows over 8 included rows: the extra 2 x (sum of adv rho) / 8 is the adv rows' mean
+    torch.testing.assert_close(outs[3.0].total - outs[1.0].total, outs[1.0].terms["fake"], rtol=1e-12, atol=0)
+    torch.testing.assert_close(outs[3.0].terms["fake"], outs[1.0].terms["fake"], rtol=0, atol=0)
+
+
+def test_e2e_weight_scales_only_the_e2e_rows(monkeypatch):
+    rhos = []
+    original = objective.per_sample_loss
+
+    def recording(pred, target, kind="barron", c=1e-3):
+        rhos.append(original(pred, target, kind, c))
+        return rhos[-1]
+
+    monkeypatch.setattr(objective, "per_sample_loss", recording)
+    outs = _weighted_losses((1, 1, 0, 0), 1, e2e_weight=(0.0, 1.0))
+    torch.testing.assert_close(rhos[0], rhos[1], rtol=0, atol=0)  # the same rows and targets both times
+    # 4 e2e rows (w(1, 0) = 1) and 4 mul rows over 8 included rows
+    torch.testing.assert_close(outs[1.0].total - outs[0.0].total, rhos[0][:4].sum() / 8, rtol=1e-12, atol=1e-15)
+
+
 def test_fresh_student_reproduces_the_teacher_at_r_equal_t():
     teacher = _toy(0)
     student = _toy(0)
