@@ -368,7 +368,7 @@ class ObjectiveSettings:
     barron_c: float = 1e-3
     dist_match_coef: float = 0.5
     adversarial_weighting: str = "uniform"
-    adversarial_loss: str = "barron"
+    adversarial_loss: str | None = None  # rho of E12; None = ``loss``
     fake_weight: float = 1.0
     e2e_weight: float = 1.0
     cond_dropout: float = 0.0
@@ -476,7 +476,8 @@ def apex_loss(
                 dv = adversarial_direction(online, generated, cond_e2e, shift, settings.adversarial_weighting)  # type: ignore[arg-type]
             else:
                 dv = direction(generated, cond_e2e, slice_condition(uncond, 0, roles.e2e))
-        loss_adv = per_sample_loss(f_e2e, f_e2e.detach() - dv, settings.adversarial_loss, settings.barron_c).mean()
+        adversarial_loss = settings.adversarial_loss or settings.loss
+        loss_adv = per_sample_loss(f_e2e, f_e2e.detach() - dv, adversarial_loss, settings.barron_c).mean()
         total = total + settings.dist_match_coef * loss_adv  # (E14)
         terms["adversarial"] = loss_adv.detach()
     terms["total"] = total.detach()
