@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # clean-fid needs torchvision; on this project's CPU machines this is the pair that imports together.
 # Elsewhere, install torch for your platform first, or override: make test TORCH_SPEC="torch torchvision"
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
-# That pair is a CUDA build: about 6.2 GB in .venv. Without that much free disk, stop before pip starts.
+# That pair is a CUDA build: about 6.2 GB in .venv. Without that much free disk here, stop before pip starts.
 MIN_FREE_GB ?= 7
 
 .PHONY: install demo test test-fast lint format bench bench-quick bench-toy2d clean
@@ -16,7 +16,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@$(BIN)/python -c "import torch" 2>/dev/null || { free=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); \
-	  if [ "$$free" -lt "$(MIN_FREE_GB)" ]; then echo "error: $$free GB free on this disk; installing torch needs about $(MIN_FREE_GB) GB. Free some space (old clones, runs/), or run with MIN_FREE_GB=0 to try anyway" >&2; exit 1; fi; }
+	  if [ -n "$$free" ] && [ "$$free" -lt "$(MIN_FREE_GB)" ]; then echo "error: $$free GB free on this disk; installing torch needs about $(MIN_FREE_GB) GB. Free some space (old clones, runs/), or run with MIN_FREE_GB=0 to try anyway" >&2; exit 1; fi; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	@echo "installing torch (the largest download; pip shows its progress) ..."

@@ -115,7 +115,7 @@ def objective_settings(recipe: Recipe) -> ObjectiveSettings:
         barron_c=m.barron_c,
         dist_match_coef=m.dist_match_coef,
         adversarial_weighting=m.adversarial_weighting,
-        adversarial_loss=m.dist_match_loss or m.loss,
+        adversarial_loss=m.dist_match_loss,
         fake_weight=m.fake_weight,
         e2e_weight=m.e2e_weight,
         cond_dropout=m.cond_dropout,

@@ -223,8 +223,11 @@ def test_no_gradient_reaches_any_target(monkeypatch):
     assert torch.isfinite(out.total)
 
 
-@pytest.mark.parametrize(("main", "adversarial"), [("barron", "l2"), ("l2", "barron"), ("barron", "barron")])
-def test_the_adversarial_term_uses_its_own_loss(monkeypatch, main, adversarial):
+@pytest.mark.parametrize(
+    ("main", "adversarial", "expected"),
+    [("barron", "l2", "l2"), ("l2", "barron", "barron"), ("l2", None, "l2"), ("barron", None, "barron")],
+)
+def test_the_adversarial_term_uses_its_own_loss(monkeypatch, main, adversarial, expected):
     kinds = []
     original = objective.per_sample_loss
 
@@ -237,7 +240,7 @@ def test_the_adversarial_term_uses_its_own_loss(monkeypatch, main, adversarial):
     settings = ObjectiveSettings(loss=main, adversarial_loss=adversarial, estimate_order=1)
     x, cond = torch.randn(8, 2, dtype=D64), {"labels": torch.arange(8) % 3}
     apex_loss(ObjectiveModels(model, model, model), x, cond, model.unconditional(8), settings, ConditionShift("negate"))
-    assert kinds == [main, adversarial]
+    assert kinds == [main, expected]
 
 
 def _weighted_losses(roles, estimate_order, **weights):
