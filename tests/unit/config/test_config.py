@@ -168,3 +168,19 @@ def test_an_fsdp_layout_validates_and_counts_its_processes():
     assert recipe.hardware.world_size == 2
     with pytest.raises(RecipeError, match=r"hardware\.strategy: fsdp shards the blocks of a diffusers transformer"):
         load_recipe("shapes-apex-cpu", ["hardware.processes=2", "hardware.strategy=fsdp"])
+
+
+BENCHMARK_BASELINES = ("shapes-consistency-cpu", "shapes-twinflow-cpu", "shapes-dmd2-cpu")
+METHOD_FIELDS = {"roles", "time_dist", "consistency_ratio", "estimate_order", "delta", "enhanced_ratio", "loss",
+                 "dist_match_coef", "adversarial_weighting", "shift", "fake_score"}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", BENCHMARK_BASELINES)
+def test_benchmark_baselines_train_exactly_as_the_apex_recipe(name):
+    """bench/quality.py compares methods: everything but the method's own fields must be shapes-apex-cpu's."""
+    apex = load_recipe(str(RECIPES / "shapes-apex-cpu.yaml")).model_dump()
+    baseline = load_recipe(str(RECIPES / f"{name}.yaml")).model_dump()
+    for section in ("model", "data", "sampler", "train", "hardware"):
+        assert baseline[section] == apex[section], section
+    shared = set(apex["method"]) - METHOD_FIELDS
+    assert {k: baseline["method"][k] for k in shared} == {k: apex["method"][k] for k in shared}
