@@ -421,6 +421,13 @@ class MethodConfig(_Section):
         description="extra weight of the e2e rows' consistency target (E8) in L_main (E10, E11); 1 = the released "
         "code. 0 leaves the one-step map to the self-adversarial term alone (E12), as DMD2 trains its generator",
     )
+    target_velocity: Literal["data", "teacher"] = Field(
+        "data",
+        description="v of the e2e/mul/any rows: data = z - x (E6) plus E7's guidance from the reference, the "
+        "released code (consistency training); teacher = the frozen teacher's guided velocity F_T(c) + lambda "
+        "(F_T(c) - F_T(e)) (consistency distillation of its guided ODE; guidance 1 + lambda, any reference; a full "
+        "fine-tune keeps one frozen copy of the teacher, LoRA turns its adapters off). Needs model.init",
+    )
     shift: ShiftName = "negate"
     shift_seed: int = 0
     reference: Literal["online", "ema", "frozen"] = Field("ema", description="F_ref of E7 (and E8 rollout)")
@@ -437,10 +444,11 @@ class MethodConfig(_Section):
         a, b, s = self.time_dist
         if a <= 0 or b <= 0 or not 0 < s <= 1:
             raise ValueError(f"time_dist [a, b, s] needs a > 0, b > 0, 0 < s <= 1, got {list(self.time_dist)}")
-        if self.reference != "frozen" and self.enhanced_ratio >= 1:
+        if self.reference != "frozen" and self.target_velocity == "data" and self.enhanced_ratio >= 1:
             raise ValueError(
                 f"enhanced_ratio must be < 1 with reference {self.reference!r} (guidance compounds to "
-                f"1 / (1 - lambda)); got {self.enhanced_ratio}. Use reference: frozen for lambda >= 1"
+                f"1 / (1 - lambda)); got {self.enhanced_ratio}. Use reference: frozen or target_velocity: teacher for "
+                "lambda >= 1"
             )
         if self.fake_score is not None:
             if self.roles.adv > 0:
@@ -666,6 +674,15 @@ class Recipe(_Section):
                 raise ValueError(
                     "method.fake_score: the DMD2 baseline distils a teacher (its real score); set model.init to one"
                 )
+        if (
+            self.method.target_velocity == "teacher"
+            and getattr(self.model, "init", None) is None
+            and not isinstance(self.model, DiffusersModelConfig)
+        ):
+            raise ValueError(
+                "method.target_velocity: teacher distils the teacher's velocity; set model.init to a teacher, or "
+                "target_velocity: data"
+            )
         if self.hardware.strategy == "fsdp" and not isinstance(self.model, DiffusersModelConfig):
             raise ValueError(
                 f"hardware.strategy: fsdp shards the blocks of a diffusers transformer; {self.model.name!r} is small "

@@ -1,6 +1,6 @@
 """Speed and memory of APEX against its rivals on the shapes model: training steps, and sampling by NFE.
 
-Training, for each method at one batch size (the recipes' 64 by default), each built exactly as `apex distill`
+Training, for each method at one batch size (the recipes' 16 by default), each built exactly as `apex distill`
 builds it (``apex_cli.train.memory.prepare_step``: the student, its EMA, the frozen teacher, the DMD2 fake score and
 both optimizers; the weights' values do not change the cost, so nothing is loaded):
 
@@ -10,6 +10,9 @@ both optimizers; the weights' values do not change the cost, so nothing is loade
   do), and its ratio to flow matching and to the DMD2 baseline; also the model states alone (parameters, gradients
   and optimizer moments held at the peak), which is what an extra network costs however small the batch: on the
   1.7M-parameter shapes UNet the activations dominate the peak, on a 20B model the states do;
+- the same peak with ``hardware.gradient_checkpointing`` on for every method (each block keeps only its inputs, as
+  the recipes of large models run): the activations shrink to what the networks' count and rows decide, which is the
+  regime where an extra network shows; every network of a method (the fake score too) is checkpointed;
 - forward passes a step: network calls and rows, with and without gradient, counted by forward hooks on every
   network the step evaluates.
 
@@ -23,7 +26,7 @@ NFE 1 / 2 / 4), and the headline ratio student NFE 1 over teacher NFE 50. The st
 speed; without ``--student`` the student is the shipped teacher loaded as every distillation starts (E4a), sampled
 with the student's sampler.
 
-    python bench/speed.py                  # batch 64, 10 timed steps after 3, sampling batch 16, median of 5
+    python bench/speed.py                  # batch 16, 10 timed steps after 3, sampling batch 16, median of 5
     python bench/speed.py --quick          # 3 timed steps after 1, median of 2 (a couple of minutes)
     python bench/speed.py --student runs/shapes-apex-cpu
 
@@ -77,11 +80,13 @@ METHODS: dict[str, tuple[str, list[str]]] = {
 """Method -> (recipe in recipes/, overrides)."""
 
 
-def method_recipe(name: str, batch: int, threads: int) -> Recipe:
-    """The recipe of a benchmarked method at ``batch`` rows and ``threads`` CPU threads."""
+def method_recipe(name: str, batch: int, threads: int, checkpointing: bool = False) -> Recipe:
+    """The recipe of a benchmarked method at ``batch`` rows and ``threads`` CPU threads, optionally checkpointed."""
     recipe, overrides = METHODS[name]
     path = REPO / "recipes" / f"{recipe}.yaml"
-    return load_recipe(str(path), [*overrides, f"train.batch_size={batch}", f"hardware.num_threads={threads}"])
+    extra = [f"train.batch_size={batch}", f"hardware.num_threads={threads}"]
+    extra += [f"hardware.gradient_checkpointing={str(checkpointing).lower()}"]
+    return load_recipe(str(path), [*overrides, *extra])
 
 
 class ForwardCounter:
@@ -127,6 +132,7 @@ def measure_training(name: str, batch: int, threads: int, warmup: int, steps: in
         times.append(time.perf_counter() - start)
     del prepared
     memory = measure_step_memory(recipe)
+    checkpointed = measure_step_memory(method_recipe(name, batch, threads, checkpointing=True))
     fake = recipe.method.fake_score
     return {
         "recipe": METHODS[name][0],
@@ -140,6 +146,8 @@ def measure_training(name: str, batch: int, threads: int, warmup: int, steps: in
         "peak_memory_bytes": memory["peak"],
         "state_memory_bytes": memory["parameters"] + memory["gradients"] + memory["optimizer"],
         "memory_bytes": memory,
+        "peak_memory_bytes_checkpointed": checkpointed["peak"],
+        "memory_bytes_checkpointed": checkpointed,
     }
 
 
@@ -181,14 +189,24 @@ def measure_sampling(student: str | None, batch: int, repeats: int, threads: int
     return {"batch": batch, "repeats": repeats, "student_weights": student_weights, "sets": rows, "ratio": ratio}
 
 
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def _training_table(results: dict[str, dict[str, Any]], batch: int, steps: int) -> Table:
     table = Table(title=f"one training step, shapes UNet, batch {batch}, median of {steps}")
-    table.caption = "states: parameters + gradients + optimizer moments held at the peak (MemTracker)"
+    table.caption = (
+        "peak: one step's peak (MemTracker); ckpt: the same with hardware.gradient_checkpointing on for every "
+        "network; states: parameters + gradients + optimizer moments held at the peak"
+    )
     columns = (
         "method",
         "step (s)",
         "x flow matching",
         "peak MiB",
+        "x flow matching",
+        "x dmd2",
+        "ckpt peak MiB",
         "x flow matching",
         "x dmd2",
         "states MiB",
@@ -205,9 +223,12 @@ def _training_table(results: dict[str, dict[str, Any]], batch: int, steps: int) 
             f"{row['step_time_ratio']:.2f}",
             f"{row['peak_memory_bytes'] / 2**20:.1f}",
             f"{row['memory_ratio']:.2f}",
-            "-" if row["memory_ratio_to_dmd2"] is None else f"{row['memory_ratio_to_dmd2']:.2f}",
+            _ratio(row["memory_ratio_to_dmd2"]),
+            f"{row['peak_memory_bytes_checkpointed'] / 2**20:.1f}",
+            f"{row['memory_ratio_checkpointed']:.2f}",
+            _ratio(row["memory_ratio_to_dmd2_checkpointed"]),
             f"{row['state_memory_bytes'] / 2**20:.1f}",
-            "-" if row["state_memory_ratio_to_dmd2"] is None else f"{row['state_memory_ratio_to_dmd2']:.2f}",
+            _ratio(row["state_memory_ratio_to_dmd2"]),
             str(row["forward_calls"]),
             str(row["forward_rows"]),
         )
@@ -227,7 +248,7 @@ def _sampling_table(sampling: dict[str, Any]) -> Table:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="3 timed steps after 1, sampling median of 2")
-    parser.add_argument("--batch", type=int, default=64, help="training rows a step (the recipes' batch)")
+    parser.add_argument("--batch", type=int, default=16, help="training rows a step (the recipes' batch)")
     parser.add_argument("--steps", type=int, help="timed steps a method (default 10; --quick 3)")
     parser.add_argument("--warmup", type=int, help="untimed steps first (default 3; --quick 1)")
     parser.add_argument("--sample-batch", type=int, default=16, help="images a sampling run")
@@ -257,6 +278,11 @@ def main() -> None:
         row["memory_ratio"] = row["peak_memory_bytes"] / base["peak_memory_bytes"]
         row["memory_ratio_to_dmd2"] = row["peak_memory_bytes"] / dmd2["peak_memory_bytes"] if dmd2 else None
         row["state_memory_ratio_to_dmd2"] = row["state_memory_bytes"] / dmd2["state_memory_bytes"] if dmd2 else None
+        checkpointed = row["peak_memory_bytes_checkpointed"]
+        row["memory_ratio_checkpointed"] = checkpointed / base["peak_memory_bytes_checkpointed"]
+        row["memory_ratio_to_dmd2_checkpointed"] = (
+            checkpointed / dmd2["peak_memory_bytes_checkpointed"] if dmd2 else None
+        )
     console.print("sampling ...")
     sampling = measure_sampling(args.student, args.sample_batch, repeats, args.threads)
 
@@ -274,7 +300,7 @@ def main() -> None:
         "sampling": sampling,
     }
     atomic_write_text(args.out, json.dumps(record, indent=2) + "\n")
-    out = Console(width=160)
+    out = Console(width=200)
     out.print(_training_table(training, args.batch, steps))
     out.print(_sampling_table(sampling))
     out.print(f"-> {args.out}")

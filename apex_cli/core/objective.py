@@ -205,6 +205,33 @@ def guidance_target(
     return torch.where(inside, v + scale * (v_cond - v_uncond), v)
 
 
+def teacher_target(
+    teacher: VelocityModel, x_t: Tensor, t: Tensor, cond: Condition, uncond: Condition, scale: float
+) -> Tensor:
+    """The frozen teacher's guided velocity, in place of the data velocity of E6 and E7 ([ours]).
+
+    ``F_T(x_t, t, t, c) + lambda (F_T(x_t, t, t, c) - F_T(x_t, t, t, e))`` at every row (t = 1 included: the
+    teacher's guided Euler sampler starts there), cond and uncond in one batched forward (the cond one alone when
+    ``lambda`` is 0). E8 then distils the teacher's guided ODE (consistency distillation) instead of estimating
+    it from single data samples (consistency training): ``v`` no longer depends on which data sample drew
+    ``x_t``, so the targets of E8 are deterministic functions of ``x_t``. The teacher is fixed, so guidance does
+    not compound: the guidance scale is ``1 + lambda`` whatever the reference.
+
+    Args:
+        teacher: The frozen teacher ``F_T`` (a frozen copy, or a LoRA student with its adapters off).
+        x_t: Noisy inputs ``[B, ...]``.
+        t: Times ``[B]``.
+        cond: Condition ``c`` with batch ``B``.
+        uncond: Unconditional condition ``e`` with batch ``B``.
+        scale: ``lambda`` (recipe ``method.enhanced_ratio``).
+    """
+    if scale == 0:
+        return teacher.velocity(x_t, t, t, cond)
+    both = teacher.velocity(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([t, t]), cat_conditions(cond, uncond))
+    v_cond, v_uncond = both.chunk(2)
+    return v_cond + scale * (v_cond - v_uncond)
+
+
 def consistency_target(
     rollout: VelocityModel,
     velocity: Tensor,
@@ -373,15 +400,18 @@ class ObjectiveSettings:
     e2e_weight: float = 1.0
     cond_dropout: float = 0.0
     target_clip: float = 1.0
+    target_velocity: str = "data"  # "data": E6 + E7; "teacher": the frozen teacher's guided velocity (needs teacher)
 
 
 @dataclass(frozen=True)
 class ObjectiveModels:
-    """The networks one step uses: ``online`` (trained), ``reference`` (E7) and ``rollout`` (E8)."""
+    """The networks one step uses: ``online`` (trained), ``reference`` (E7), ``rollout`` (E8), and the frozen
+    ``teacher`` (only for ``target_velocity: teacher``)."""
 
     online: VelocityModel
     reference: VelocityModel
     rollout: VelocityModel
+    teacher: VelocityModel | None = None
 
 
 @dataclass(frozen=True)
@@ -500,7 +530,12 @@ def _real_target(
     n = roles.real
     v_real = v[:n]
     lo, hi = roles.e2e, n  # E7 only matters where 0 < t < 1: mul and any rows (e2e rows have t = 1)
-    if settings.enhanced_ratio > 0 and hi > lo:
+    if settings.target_velocity == "teacher":
+        if models.teacher is None:
+            raise ValueError("target_velocity 'teacher' needs ObjectiveModels.teacher, the frozen teacher")
+        cond_n, uncond_n = slice_condition(cond, 0, n), slice_condition(uncond, 0, n)
+        v_real = teacher_target(models.teacher, x_t[:n], t[:n], cond_n, uncond_n, settings.enhanced_ratio)
+    elif settings.enhanced_ratio > 0 and hi > lo:
         guided = guidance_target(
             models.reference,
             x_t[lo:hi],

@@ -119,6 +119,7 @@ def objective_settings(recipe: Recipe) -> ObjectiveSettings:
         fake_weight=m.fake_weight,
         e2e_weight=m.e2e_weight,
         cond_dropout=m.cond_dropout,
+        target_velocity=m.target_velocity,
     )
 
 
@@ -394,7 +395,18 @@ def _arrange(
     else:
         reference = {"ema": ema.model if ema else None, "online": online}[method.reference]
     rollout = ema.model if ema is not None else online
-    return online, ema, ObjectiveModels(online=online, reference=reference, rollout=rollout)  # type: ignore[arg-type]
+    teacher_velocity = None  # target_velocity: teacher (the frozen reference when there is one: no second copy)
+    if method.target_velocity == "teacher":
+        if method.reference == "frozen":
+            teacher_velocity = reference
+        elif lora:
+            teacher_velocity = AdaptersDisabled(model, online.velocity)
+        else:
+            teacher_velocity = teacher if teacher is not None else copy.deepcopy(model).requires_grad_(False).eval()
+            if layout.sharded:
+                shard(teacher_velocity, recipe.hardware.cpu_offload)
+    models = ObjectiveModels(online=online, reference=reference, rollout=rollout, teacher=teacher_velocity)  # type: ignore[arg-type]
+    return online, ema, models
 
 
 def real_score(
@@ -407,6 +419,8 @@ def real_score(
     """
     if recipe.method.fake_score is None:
         return None
+    if models.teacher is not None:  # target_velocity: teacher already holds it
+        return models.teacher
     if recipe.method.reference == "frozen":
         return models.reference
     if getattr(model, "has_lora", False):

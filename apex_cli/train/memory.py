@@ -4,7 +4,8 @@ The formula, per process (``N`` processes; ``s = N`` under ``strategy: fsdp``, e
 
     weights      = (W_base + W_train) / s                      the transformer (frozen base + what trains)
                  + W_ema / s     full fine-tuning with reference ema: a copy; LoRA: the adapters only
-                 + W_frozen / s  full fine-tuning with reference frozen: a copy (LoRA: adapters off, no copy)
+                 + W_frozen / s  full fine-tuning with reference frozen, or target_velocity teacher: one copy
+                                 (LoRA: adapters off, no copy)
                  + W_fake + W_frozen   the DMD2 baseline (method.fake_score, one process): its fake score, a whole
                                  copy, and the frozen teacher of its real score (shared with a frozen reference;
                                  LoRA: adapters off, no copy)
@@ -493,11 +494,16 @@ def estimate_memory(recipe: Recipe) -> MemoryEstimate:
         details.append("frozen copy")
     elif method.reference == "frozen":
         details.append("frozen reference = adapters off (no copy)")
+    teacher_copy = method.reference != "frozen" and not lora  # a frozen teacher is not held yet
+    if method.target_velocity == "teacher" and teacher_copy:
+        weights += w_all / shards
+        details.append("frozen teacher (target_velocity)")
+        teacher_copy = False
     fake_score = method.fake_score is not None  # the DMD2 baseline: one process, so no shards
     if fake_score:
         weights += w_all
         details.append("DMD2 fake score (a copy)")
-        if method.reference != "frozen" and not lora:
+        if teacher_copy:
             weights += w_all
             details.append("frozen teacher (real score)")
     if shards > 1:
@@ -626,7 +632,7 @@ def prepare_step(recipe: Recipe, device: str | torch.device = "cpu") -> Prepared
     networks: dict[str, nn.Module] = {"student": model}
     if isinstance(getattr(ema, "model", None), nn.Module):
         networks["ema"] = ema.model  # type: ignore[union-attr]
-    for name, network in (("reference", models.reference), ("teacher", real)):
+    for name, network in (("reference", models.reference), ("teacher", real), ("teacher", models.teacher)):
         if isinstance(network, nn.Module) and all(network is not n for n in networks.values()):
             networks[name] = network
     if critic is not None:

@@ -16,12 +16,12 @@ from apex_cli.train.tasks import build_task
 PROMPTS = ["a photo of a red circle", "a photo of two squares"]
 
 
-def _recipe(reference: str, lora: bool):
+def _recipe(reference: str, lora: bool, target_velocity: str = "data"):
     raw = {
         "name": "refs",
         "model": {"name": "tiny-qwen-image", "lora": {"rank": 4} if lora else None},
         "data": {"name": "shapes", "image_size": 32},
-        "method": {"reference": reference, "enhanced_ratio": 0.5},
+        "method": {"reference": reference, "enhanced_ratio": 0.5, "target_velocity": target_velocity},
         "train": {"steps": 1, "batch_size": 4, "lr": 1e-3},
         "output": {"dir": "unused", "evaluate": False},
     }
@@ -103,3 +103,30 @@ def test_full_fine_tuning_keeps_a_full_ema_copy() -> None:
     _, ema, models = _arrange(recipe, model, None, Layout())
     assert isinstance(ema, EMA) and models.reference is ema.model and models.rollout is ema.model
     assert not _storages(ema.model) & _storages(model)
+
+
+def test_the_teacher_velocity_of_a_lora_run_is_the_base_with_adapters_off() -> None:
+    recipe = _recipe("ema", lora=True, target_velocity="teacher")
+    model, base = _model(recipe)
+    before = _storages(model)
+    _, ema, models = _arrange(recipe, model, None, Layout())
+    assert isinstance(ema, AdapterEMA) and models.rollout is ema.model  # E8 still rolls the student's EMA
+    assert isinstance(models.teacher, AdaptersDisabled) and models.teacher.module is model
+    assert _storages(model) == before
+    x, t, cond = _inputs(model)
+    with torch.no_grad():
+        torch.testing.assert_close(models.teacher.velocity(x, t, t, cond), base.eval().velocity(x, t, t, cond))
+
+
+def test_full_fine_tuning_holds_one_frozen_teacher_for_the_teacher_velocity() -> None:
+    torch.manual_seed(0)
+    for reference in ("ema", "frozen"):
+        recipe = _recipe(reference, lora=False, target_velocity="teacher")
+        model = build_task(recipe).build_model()
+        teacher = copy.deepcopy(model).requires_grad_(False).eval()
+        _, _, models = _arrange(recipe, model, teacher, Layout())
+        assert models.teacher is teacher  # the loaded teacher itself, not another copy
+        if reference == "frozen":
+            assert models.reference is teacher
+        else:
+            assert models.reference is models.rollout and models.reference is not teacher

@@ -184,3 +184,10 @@ def test_benchmark_baselines_train_exactly_as_the_apex_recipe(name):
         assert baseline[section] == apex[section], section
     shared = set(apex["method"]) - METHOD_FIELDS
     assert {k: baseline["method"][k] for k in shared} == {k: apex["method"][k] for k in shared}
+
+
+def test_teacher_velocity_lifts_the_guidance_bound_and_needs_a_teacher():
+    recipe = load_recipe("shapes-apex-cpu", ["method.target_velocity=teacher", "method.enhanced_ratio=2.0"])
+    assert recipe.method.reference == "ema"  # a fixed teacher's guidance does not compound, so lambda = 2 is fine
+    with pytest.raises(RecipeError, match=r"method\.target_velocity: teacher distils"):
+        load_recipe("shapes-teacher-cpu", ["method.target_velocity=teacher"])

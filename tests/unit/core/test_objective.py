@@ -14,6 +14,7 @@ from apex_cli.core.objective import (
     guidance_target,
     per_sample_loss,
     split_roles,
+    teacher_target,
     time_weight,
 )
 from apex_cli.core.shift import ConditionShift
@@ -79,6 +80,55 @@ def test_guidance_target_is_cond_plus_lambda_cond_minus_uncond():
     out = guidance_target(model, x_t, t, v, cond, uncond, scale=0.5)
     # F(c) - F(e) = c (1 + t): row 0: 1.25 -> 0.1 + 0.625 ; row 1: 4.5 -> 0.2 + 2.25 ; row 2 unchanged
     torch.testing.assert_close(out, torch.tensor([[0.725], [2.45], [0.3]], dtype=D64))
+
+
+def test_teacher_target_is_the_guided_teacher_velocity_at_every_row():
+    model = Affine()
+    x_t = torch.tensor([[0.5], [1.0], [2.0]], dtype=D64)
+    t = times(0.25, 0.5, 1.0)  # t = 1 too: the teacher's guided sampler starts there
+    cond, uncond = {"c": torch.tensor([[1.0], [3.0], [1.0]], dtype=D64)}, {"c": torch.zeros(3, 1, dtype=D64)}
+    # F(c) at r = t is 2 x + c (1 + t) = 2.25, 6.5, 6.0; F(c) - F(e) = c (1 + t) = 1.25, 4.5, 2.0
+    out = teacher_target(model, x_t, t, cond, uncond, scale=0.5)
+    torch.testing.assert_close(out, torch.tensor([[2.875], [8.75], [7.0]], dtype=D64))
+    torch.testing.assert_close(
+        teacher_target(model, x_t, t, cond, uncond, 0.0), torch.tensor([[2.25], [6.5], [6.0]], dtype=D64)
+    )
+
+
+def _teacher_velocity_loss(scale):
+    """Flow-matching rows (l2, no E8) whose target is the guided velocity of a teacher equal to the student."""
+    model = _toy()
+    models = ObjectiveModels(model, model, model, teacher=model)
+    x, cond = torch.randn(6, 2, dtype=D64), {"labels": torch.tensor([0, 1, 2, 0, 1, 2])}
+    settings = ObjectiveSettings(
+        role_fractions=(0, 1, 0, 0), consistency_ratio=0.0, estimate_order=0, loss="l2", dist_match_coef=0.0,
+        enhanced_ratio=scale, target_velocity="teacher",
+    )  # fmt: skip
+    torch.manual_seed(11)
+    out = apex_loss(models, x, cond, model.unconditional(6), settings, None)
+    torch.manual_seed(11)
+    t = torch.rand(6, dtype=D64)
+    torch.rand(6, dtype=D64)  # u, unused when k = 0
+    x_t = (1 - t[:, None]) * x + t[:, None] * torch.randn_like(x)
+    gap = model.velocity(x_t, t, t, cond) - model.velocity(x_t, t, t, model.unconditional(6))
+    return out.total, gap
+
+
+def test_teacher_velocity_replaces_the_data_velocity():
+    loss, _ = _teacher_velocity_loss(0.0)
+    assert loss.item() == 0.0  # the student is the teacher: the data (z - x) no longer enter the target
+    loss, gap = _teacher_velocity_loss(2.0)
+    # the target is F(c) + 2 (F(c) - F(e)), so the residual is 2 x the guidance gap; w(t, t) = tan(pi / 2.5) + 1
+    expected = ((2 * gap) ** 2).mean(1).mean() * (math.tan(math.pi / 2.5) + 1)
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
+
+
+def test_teacher_velocity_needs_the_teacher():
+    model = _toy()
+    settings = ObjectiveSettings(role_fractions=(0, 1, 0, 0), estimate_order=0, target_velocity="teacher")
+    x, cond = torch.randn(4, 2, dtype=D64), {"labels": torch.arange(4) % 3}
+    with pytest.raises(ValueError, match="frozen teacher"):
+        apex_loss(ObjectiveModels(model, model, model), x, cond, model.unconditional(4), settings, None)
 
 
 # ---- E8 ---------------------------------------------------------------------------------------------------
