@@ -20,6 +20,9 @@ Budget: the whole command, training and measuring, is planned to fit 78 minutes 
     python bench/quality.py                 # full: writes bench/results/quality.json and docs/benchmarks-*.svg
     python bench/quality.py --quick         # quick: bench/results/quality-quick.json and bench/results/*-quick.svg
     python bench/quality.py --from-scratch  # forget earlier runs of this mode first
+    python bench/quality.py --render        # tables, plots and docs again from bench/results/quality.json
+
+A full run also rewrites its tables in docs/benchmarks.md (between the ``<!-- bench:quality -->`` markers).
 
 Resumable: a run's finished stages are kept in ``<runs>/<method>/seed<k>/bench.json`` and skipped on the next call;
 an interrupted stage is trained again from the previous stage's checkpoint. Changing the budget starts runs anew.
@@ -40,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from docs_tables import replace_block, to_markdown  # bench/docs_tables.py (this script's folder is on sys.path)
 from rich.console import Console
 from rich.table import Table
 
@@ -307,6 +311,24 @@ def main() -> None:
         raise SystemExit(err.exit_code) from None
 
 
+def publish(results: dict[str, Any], out: Path, plots: Path, suffix: str, docs: bool) -> None:
+    """Print the table, draw the plots and, for the full mode, rewrite the page's ``quality`` block."""
+    console = Console(stderr=True)
+    table = results_table(results)
+    Console(width=180).print(table)
+    paths = [out, *plot(results, plots, suffix)]
+    if docs:
+        run = (
+            f"Machine: {results['machine']}, {results['threads']} threads, load average {results['load_average_1min']} "
+            f"at the end; Python {results['python']}, torch {results['torch']}, apex {results['apex']}; "
+            f"{results['elapsed_seconds_this_call'] / 60:.1f} min for the whole call."
+        )
+        replace_block("quality", to_markdown(table) + "\n\n" + run)
+        paths.append(REPO / "docs" / "benchmarks.md")
+    for path in paths:
+        console.print(f"-> {path}")
+
+
 def _main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="seed 0 only, 10 minutes in all")
@@ -316,6 +338,7 @@ def _main() -> None:
     parser.add_argument("--runs", type=Path, help="run folders (default bench/runs/quality-<mode>)")
     parser.add_argument("--out", type=Path, help="results JSON (default bench/results/quality[-quick].json)")
     parser.add_argument("--plots", type=Path, help="folder of the SVG plots (default: docs/; quick: bench/results/)")
+    parser.add_argument("--render", action="store_true", help="no training: tables, plots and docs from --out")
     parser.add_argument("--budget-seconds", type=float, help=argparse.SUPPRESS)  # smoke tests: a tiny total budget
     args = parser.parse_args()
     name = "quick" if args.quick else "full"
@@ -329,6 +352,14 @@ def _main() -> None:
     runs = args.runs or ROOT / "runs" / f"quality-{name}"
     out = args.out or ROOT / "results" / f"quality{suffix}.json"
     plots = args.plots or (ROOT / "results" if args.quick else REPO / "docs")
+    docs = not args.quick and args.out is None and args.budget_seconds is None  # the page shows the full mode only
+    if args.render:
+        if not out.is_file():
+            raise ApexError(
+                f"{out} does not exist", hint=f"run python bench/quality.py{' --quick' if args.quick else ''}"
+            )
+        publish(json.loads(out.read_text()), out, plots, suffix, docs)
+        return
     if args.from_scratch:
         shutil.rmtree(runs, ignore_errors=True)
     train_seconds = mode.budget_seconds * mode.train_share / (len(methods) * len(mode.seeds))
@@ -364,9 +395,7 @@ def _main() -> None:
         "apex": __version__,
     }
     atomic_write_text(out, json.dumps(results, indent=2) + "\n")
-    Console(width=180).print(results_table(results))
-    for path in [out, *plot(results, plots, suffix)]:
-        console.print(f"-> {path}")
+    publish(results, out, plots, suffix, docs)
     if results["elapsed_seconds_this_call"] > mode.budget_seconds:
         console.print(
             f"[yellow]Warning:[/] took {results['elapsed_seconds_this_call'] / 60:.1f} min, over the "

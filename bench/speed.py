@@ -30,7 +30,9 @@ with the student's sampler.
     python bench/speed.py --quick          # 3 timed steps after 1, median of 2 (a couple of minutes)
     python bench/speed.py --student runs/shapes-apex-cpu
 
-Writes bench/results/speed.json (atomically) and prints two tables.
+Writes bench/results/speed.json (atomically) and prints two tables; without ``--quick`` (and with the default
+``--out``) it also rewrites them in docs/benchmarks.md (the ``<!-- bench:speed-training -->`` and
+``<!-- bench:speed-sampling -->`` blocks).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from docs_tables import DOCS, replace_block, to_markdown
 from rich.console import Console
 from rich.table import Table
 from sample_speed import images_per_second
@@ -60,6 +63,7 @@ from apex_cli.train.shapes import ShapesTask
 from apex_cli.train.tasks import load_checkpoint_model
 
 ROOT = Path(__file__).resolve().parent
+DEFAULT_OUT = ROOT / "results" / "speed.json"
 REPO = ROOT.parent
 TEACHER = "shipped:shapes-teacher"
 FLOW_MATCHING = [
@@ -256,7 +260,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset (flow matching first)")
     parser.add_argument("--student", help="a student run or checkpoint to sample (default: see the docstring)")
-    parser.add_argument("--out", type=Path, default=ROOT / "results" / "speed.json")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
     steps = args.steps or (3 if args.quick else 10)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
@@ -301,9 +305,18 @@ def main() -> None:
     }
     atomic_write_text(args.out, json.dumps(record, indent=2) + "\n")
     out = Console(width=200)
-    out.print(_training_table(training, args.batch, steps))
-    out.print(_sampling_table(sampling))
+    tables = {"training": _training_table(training, args.batch, steps), "sampling": _sampling_table(sampling)}
+    for table in tables.values():
+        out.print(table)
     out.print(f"-> {args.out}")
+    if not args.quick and args.out == DEFAULT_OUT:
+        run = (
+            f"Machine: {record['machine']}, {args.threads} threads, load average {record['load_average_1min']} at "
+            f"the end; Python {record['python']}, torch {record['torch']}."
+        )
+        replace_block("speed-training", to_markdown(tables["training"]) + "\n\n" + run)
+        replace_block("speed-sampling", to_markdown(tables["sampling"]))
+        out.print(f"-> {DOCS}")
 
 
 if __name__ == "__main__":
