@@ -30,8 +30,8 @@ with the student's sampler.
     python bench/speed.py --quick          # 3 timed steps after 1, median of 2 (a couple of minutes)
     python bench/speed.py --student runs/shapes-apex-cpu
 
-Writes bench/results/speed.json (atomically) and prints two tables; without ``--quick`` (and with the default
-``--out``) it also rewrites them in docs/benchmarks.md (the ``<!-- bench:speed-training -->`` and
+Writes bench/results/speed.json (``--quick``: speed-quick.json, atomically) and prints two tables; without ``--quick``
+(and with the default ``--out``) it also rewrites them in docs/benchmarks.md (the ``<!-- bench:speed-training -->`` and
 ``<!-- bench:speed-sampling -->`` blocks).
 """
 
@@ -260,8 +260,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset (flow matching first)")
     parser.add_argument("--student", help="a student run or checkpoint to sample (default: see the docstring)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument(
+        "--out", type=Path, help="results JSON (default bench/results/speed.json; --quick: speed-quick.json)"
+    )
     args = parser.parse_args()
+    docs = not args.quick and args.out is None  # the page shows the full measurement only
+    args.out = args.out or (ROOT / "results" / "speed-quick.json" if args.quick else DEFAULT_OUT)
     steps = args.steps or (3 if args.quick else 10)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
     repeats = args.repeats or (2 if args.quick else 5)
@@ -309,7 +313,7 @@ def main() -> None:
     for table in tables.values():
         out.print(table)
     out.print(f"-> {args.out}")
-    if not args.quick and args.out == DEFAULT_OUT:
+    if docs:
         run = (
             f"Machine: {record['machine']}, {args.threads} threads, load average {record['load_average_1min']} at "
             f"the end; Python {record['python']}, torch {record['torch']}."
