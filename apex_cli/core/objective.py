@@ -183,6 +183,15 @@ def sample_times(
 # Targets (all computed without gradient)
 
 
+def cond_and_uncond_velocity(
+    model: VelocityModel, x_t: Tensor, t: Tensor, cond: Condition, uncond: Condition
+) -> tuple[Tensor, Tensor]:
+    """``(F(x_t, t, t, c), F(x_t, t, t, e))`` from one batched forward of ``2 B`` rows."""
+    both = model.velocity(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([t, t]), cat_conditions(cond, uncond))
+    v_cond, v_uncond = both.chunk(2)
+    return v_cond, v_uncond
+
+
 def guidance_target(
     reference: VelocityModel, x_t: Tensor, t: Tensor, v: Tensor, cond: Condition, uncond: Condition, scale: float
 ) -> Tensor:
@@ -199,8 +208,7 @@ def guidance_target(
         uncond: Unconditional condition ``e`` with batch ``B``.
         scale: ``lambda`` (recipe ``method.enhanced_ratio``).
     """
-    both = reference.velocity(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([t, t]), cat_conditions(cond, uncond))
-    v_cond, v_uncond = both.chunk(2)
+    v_cond, v_uncond = cond_and_uncond_velocity(reference, x_t, t, cond, uncond)
     inside = broadcast_time((t > 0) & (t < 1), v)
     return torch.where(inside, v + scale * (v_cond - v_uncond), v)
 
@@ -227,8 +235,7 @@ def teacher_target(
     """
     if scale == 0:
         return teacher.velocity(x_t, t, t, cond)
-    both = teacher.velocity(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([t, t]), cat_conditions(cond, uncond))
-    v_cond, v_uncond = both.chunk(2)
+    v_cond, v_uncond = cond_and_uncond_velocity(teacher, x_t, t, cond, uncond)
     return v_cond + scale * (v_cond - v_uncond)
 
 

@@ -376,8 +376,8 @@ def _arrange(
     """
     method, lora = recipe.method, getattr(model, "has_lora", False)
     full_ema = EMA(model, method.ema_decay) if method.reference == "ema" and not lora else None
-    frozen = None
-    if method.reference == "frozen" and not lora:
+    frozen = None  # one frozen teacher serves a frozen reference (E7) and target_velocity: teacher alike
+    if not lora and (method.reference == "frozen" or method.target_velocity == "teacher"):
         frozen = teacher if teacher is not None else copy.deepcopy(model).requires_grad_(False).eval()
     online: Any = model
     if layout.sharded:
@@ -395,16 +395,11 @@ def _arrange(
     else:
         reference = {"ema": ema.model if ema else None, "online": online}[method.reference]
     rollout = ema.model if ema is not None else online
-    teacher_velocity = None  # target_velocity: teacher (the frozen reference when there is one: no second copy)
+    teacher_velocity = None
     if method.target_velocity == "teacher":
-        if method.reference == "frozen":
-            teacher_velocity = reference
-        elif lora:
+        teacher_velocity = reference if method.reference == "frozen" else frozen
+        if lora and teacher_velocity is None:
             teacher_velocity = AdaptersDisabled(model, online.velocity)
-        else:
-            teacher_velocity = teacher if teacher is not None else copy.deepcopy(model).requires_grad_(False).eval()
-            if layout.sharded:
-                shard(teacher_velocity, recipe.hardware.cpu_offload)
     models = ObjectiveModels(online=online, reference=reference, rollout=rollout, teacher=teacher_velocity)  # type: ignore[arg-type]
     return online, ema, models
 

@@ -82,3 +82,17 @@ def test_dry_run_of_a_family_without_an_estimate_says_so_instead_of_failing():
     )
     assert result.exit_code == 0, result.output
     assert "memory estimate: not available for z-image yet" in result.stdout
+
+
+def test_the_teacher_velocity_costs_one_frozen_copy_shared_with_a_frozen_reference():
+    full = ["model.lora=null", "method.reference=ema", "method.enhanced_ratio=0.8"]
+    base = estimate_memory(load_recipe("qwen20b-lora", full))
+    teacher = estimate_memory(load_recipe("qwen20b-lora", [*full, "method.target_velocity=teacher"]))
+    frozen = ["model.lora=null", "method.reference=frozen", "method.enhanced_ratio=0.8"]
+    frozen_ref = estimate_memory(load_recipe("qwen20b-lora", frozen))
+    both = estimate_memory(load_recipe("qwen20b-lora", [*frozen, "method.target_velocity=teacher"]))
+    copy = teacher.terms["weights"] - base.terms["weights"]
+    assert copy > 30 * GIB  # a whole 20B bf16 transformer: about 38 GiB
+    assert both.terms["weights"] == frozen_ref.terms["weights"]  # the frozen reference is that teacher
+    lora = estimate_memory(load_recipe("qwen20b-lora", ["method.target_velocity=teacher"]))
+    assert lora.terms["weights"] == estimate_memory(load_recipe("qwen20b-lora")).terms["weights"]  # adapters off
