@@ -428,6 +428,18 @@ class MethodConfig(_Section):
         "(F_T(c) - F_T(e)) (consistency distillation of its guided ODE; guidance 1 + lambda, any reference; a full "
         "fine-tune keeps one frozen copy of the teacher, LoRA turns its adapters off). Needs model.init",
     )
+    regression_pairs: int = Field(
+        0,
+        ge=0,
+        description="[ours] teacher ODE pairs for the e2e rows: before the first step the teacher integrates this "
+        "many seeded noises to images with its own sampler (regression_nfe Euler steps, regression_guidance), and "
+        "the e2e rows regress onto the paired velocity z - x instead of E8's estimate from independent noise (DMD's "
+        "regression loss, arXiv 2311.18828). 0 = off, the released code. Needs model.init and e2e rows",
+    )
+    regression_nfe: int = Field(50, ge=1, description="Euler steps of the teacher's ODE for regression_pairs")
+    regression_guidance: float = Field(
+        0.0, ge=0, description="classifier-free guidance g of the teacher for regression_pairs: F_c + g (F_c - F_u)"
+    )
     shift: ShiftName = "negate"
     shift_seed: int = 0
     reference: Literal["online", "ema", "frozen"] = Field("ema", description="F_ref of E7 (and E8 rollout)")
@@ -461,7 +473,11 @@ class MethodConfig(_Section):
                     "fake_score: the DMD2 baseline trains the generator by distribution matching on the e2e rows; "
                     "set dist_match_coef > 0 and roles.e2e > 0"
                 )
-        elif self.dist_match_coef > 0 and (self.roles.adv == 0 or self.roles.e2e == 0):
+        if self.regression_pairs and self.fake_score is not None:
+            raise ValueError("regression_pairs: the DMD2 baseline (fake_score) trains without pairs; set it to 0")
+        if self.regression_pairs and self.roles.e2e == 0:
+            raise ValueError("regression_pairs: the teacher's pairs train the e2e rows; set roles.e2e > 0")
+        if self.fake_score is None and self.dist_match_coef > 0 and (self.roles.adv == 0 or self.roles.e2e == 0):
             raise ValueError("dist_match_coef > 0 needs roles.adv > 0 and roles.e2e > 0 (set it to 0 to disable)")
         return self
 
@@ -674,6 +690,15 @@ class Recipe(_Section):
                 raise ValueError(
                     "method.fake_score: the DMD2 baseline distils a teacher (its real score); set model.init to one"
                 )
+        if (
+            self.method.regression_pairs
+            and getattr(self.model, "init", None) is None
+            and not isinstance(self.model, DiffusersModelConfig)
+        ):
+            raise ValueError(
+                "method.regression_pairs: the pairs come from the teacher's sampler; set model.init to a teacher, or "
+                "regression_pairs: 0"
+            )
         if (
             self.method.target_velocity == "teacher"
             and getattr(self.model, "init", None) is None

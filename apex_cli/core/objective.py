@@ -438,6 +438,7 @@ def apex_loss(
     settings: ObjectiveSettings,
     shift: ConditionShift | None,
     direction: Direction | None = None,
+    e2e_noise: Tensor | None = None,
 ) -> LossOutput:
     """One APEX step's loss (E14): ``L = L_main + lambda_dm L_adv``.
 
@@ -451,6 +452,9 @@ def apex_loss(
         direction: Where ``dv`` of E12 comes from; None: the online network's fake branch
             (:func:`adversarial_direction`, needs adv rows). The DMD2 baseline passes its separate fake-score
             network's direction here and has no adv rows.
+        e2e_noise: Teacher ODE pairs for the e2e rows (``method.regression_pairs``, ``train/pairs.py``): the
+            noises ``[n_e2e, ...]`` whose teacher images are ``x_data[:n_e2e]``. The e2e rows then start from these
+            noises and regress onto the paired velocity ``z - x`` (no E8 for them). None: E8 as in method.md.
 
     Returns:
         The total loss, the terms ``main``, ``fake`` (adv rows' flow matching), ``adversarial`` (the
@@ -462,6 +466,10 @@ def apex_loss(
     roles = split_roles(x_data.shape[0], settings.role_fractions)
     t, r = sample_times(roles, settings.time_dist, settings.consistency_ratio, x_data.device, x_data.dtype)
     noise = torch.randn_like(x_data)
+    if e2e_noise is not None:
+        if e2e_noise.shape[0] != roles.e2e:
+            raise ValueError(f"e2e_noise has {e2e_noise.shape[0]} rows for {roles.e2e} e2e rows")
+        noise = torch.cat([e2e_noise, noise[roles.e2e :]])
     n_real, online = roles.real, models.online
     if settings.cond_dropout > 0:  # condition dropout teaches the unconditional velocity (CFG teachers)
         drop = torch.rand(x_data.shape[0], device=x_data.device) < settings.cond_dropout
@@ -485,17 +493,19 @@ def apex_loss(
         v = noise - x  # (E6)
         target = v
         if n_real:
-            real = _real_target(models, velocity, x_t, t, r, v, cond, uncond, roles, settings)
-            target = torch.cat([real, v[n_real:]])
+            paired = 0 if e2e_noise is None else roles.e2e  # teacher ODE pairs: their exact velocity is the target
+            real = _real_target(models, velocity, x_t, t, r, v, cond, uncond, roles, settings, skip=paired)
+            target = torch.cat([v[:paired], real, v[n_real:]])
     rho = per_sample_loss(velocity, target, settings.loss, settings.barron_c)
     weight = time_weight(t, r)
     weight[: roles.e2e] *= settings.e2e_weight  # (E10) w(1, 0) = 1, times the recipe's e2e weight (1 by default)
     weight[n_real:] = settings.fake_weight  # (E10): adv rows are not time-weighted (1 by default)
     included = torch.ones_like(weight)
-    if settings.estimate_order == 0:  # without E8 only mul and adv rows have a target (section 5)
-        included[: roles.e2e] = 0
+    if settings.estimate_order == 0:  # without E8 only mul and adv rows (and paired e2e rows) have a target
+        included[: roles.e2e] = float(e2e_noise is not None)
         included[roles.e2e + roles.mul : n_real] = 0
-    n_included = roles.total - (0 if settings.estimate_order else roles.e2e + roles.any)
+    unpaired_e2e = roles.e2e if e2e_noise is None else 0
+    n_included = roles.total - (0 if settings.estimate_order else unpaired_e2e + roles.any)
     loss_main = (weight * included * rho).sum() / max(n_included, 1)  # (E11)
     terms = {"main": loss_main.detach()}
     if roles.adv:
@@ -532,16 +542,18 @@ def _real_target(
     uncond: Condition,
     roles: RoleSizes,
     settings: ObjectiveSettings,
+    skip: int = 0,
 ) -> Tensor:
-    """E7 then E8 for the e2e/mul/any rows (the first ``roles.real`` rows)."""
+    """E7 then E8 for the e2e/mul/any rows (rows ``skip`` to ``roles.real``; the first ``skip`` e2e rows are paired
+    with the teacher and need neither)."""
     n = roles.real
-    v_real = v[:n]
-    lo, hi = roles.e2e, n  # E7 only matters where 0 < t < 1: mul and any rows (e2e rows have t = 1)
+    v_real = v[skip:n]
+    lo, hi = max(roles.e2e, skip), n  # E7 only matters where 0 < t < 1: mul and any rows (e2e rows have t = 1)
     if settings.target_velocity == "teacher":
         if models.teacher is None:
             raise ValueError("target_velocity 'teacher' needs ObjectiveModels.teacher, the frozen teacher")
-        cond_n, uncond_n = slice_condition(cond, 0, n), slice_condition(uncond, 0, n)
-        v_real = teacher_target(models.teacher, x_t[:n], t[:n], cond_n, uncond_n, settings.enhanced_ratio)
+        cond_n, uncond_n = slice_condition(cond, skip, n), slice_condition(uncond, skip, n)
+        v_real = teacher_target(models.teacher, x_t[skip:n], t[skip:n], cond_n, uncond_n, settings.enhanced_ratio)
     elif settings.enhanced_ratio > 0 and hi > lo:
         guided = guidance_target(
             models.reference,
@@ -552,15 +564,15 @@ def _real_target(
             slice_condition(uncond, lo, hi),
             settings.enhanced_ratio,
         )
-        v_real = torch.cat([v[:lo], guided])
+        v_real = torch.cat([v[skip:lo], guided])
     return consistency_target(
         models.rollout,
-        velocity[:n].detach(),
-        x_t[:n],
-        t[:n],
-        r[:n],
+        velocity[skip:n].detach(),
+        x_t[skip:n],
+        t[skip:n],
+        r[skip:n],
         v_real,
-        slice_condition(cond, 0, n),
+        slice_condition(cond, skip, n),
         settings.estimate_order,
         settings.delta,
         settings.target_clip,

@@ -191,3 +191,14 @@ def test_teacher_velocity_lifts_the_guidance_bound_and_needs_a_teacher():
     assert recipe.method.reference == "ema"  # a fixed teacher's guidance does not compound, so lambda = 2 is fine
     with pytest.raises(RecipeError, match=r"method\.target_velocity: teacher distils"):
         load_recipe("shapes-teacher-cpu", ["method.target_velocity=teacher"])
+
+
+def test_regression_pairs_need_a_teacher_and_e2e_rows_and_not_the_dmd2_critic():
+    recipe = load_recipe("shapes-apex-cpu", ["method.regression_pairs=64", "method.regression_guidance=2"])
+    assert (recipe.method.regression_pairs, recipe.method.regression_nfe) == (64, 50)
+    with pytest.raises(RecipeError, match=r"method\.regression_pairs: the pairs come from the teacher's sampler"):
+        load_recipe("shapes-apex-cpu", ["method.regression_pairs=64", "model.init=null"])
+    with pytest.raises(RecipeError, match=r"set roles\.e2e > 0"):
+        load_recipe("shapes-apex-cpu", ["method.regression_pairs=64", "method.roles.e2e=0", "method.dist_match_coef=0"])
+    with pytest.raises(RecipeError, match=r"DMD2 baseline \(fake_score\) trains without pairs"):
+        load_recipe("shapes-dmd2-cpu", ["method.regression_pairs=64"])

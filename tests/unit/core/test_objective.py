@@ -341,3 +341,44 @@ def test_fresh_student_reproduces_the_teacher_at_r_equal_t():
     cond = {"labels": torch.tensor([0, 1, 2, 3, 0])}
     torch.testing.assert_close(student.velocity(x, t, t, cond), teacher.velocity(x, t, t, cond), rtol=0, atol=0)
     assert not torch.equal(student.velocity(x, t, t * 0.5, cond), student.velocity(x, t, t, cond))
+
+
+# ---- teacher ODE pairs for the e2e rows (method.regression_pairs) -------------------------------------------
+
+
+def _paired(estimate_order, e2e_noise_rows=2, roles=(1, 0, 0, 0)):
+    model = Affine()
+    x = torch.tensor([[0.5], [-1.0]], dtype=D64)  # the teacher's images of the noises below
+    z = torch.tensor([[1.5], [0.25]], dtype=D64)[:e2e_noise_rows]
+    cond, uncond = {"c": torch.tensor([[1.0], [2.0]], dtype=D64)}, {"c": torch.zeros(2, 1, dtype=D64)}
+    settings = ObjectiveSettings(role_fractions=roles, estimate_order=estimate_order, loss="l2", dist_match_coef=0.0)
+    models = ObjectiveModels(model, model, model)
+    return apex_loss(models, x, cond, uncond, settings, None, e2e_noise=z)
+
+
+@pytest.mark.parametrize("estimate_order", [0, 2])
+def test_paired_e2e_rows_regress_onto_the_teacher_velocity_z_minus_x(estimate_order):
+    out = _paired(estimate_order)
+    # e2e rows: x_t = z at t = 1, r = 0. F = 2 z + 1 + 2 c = 6, 5.5; targets z - x = 1, 1.25; w(1, 0) = 1
+    expected = torch.tensor(((6.0 - 1.0) ** 2 + (5.5 - 1.25) ** 2) / 2, dtype=D64)
+    torch.testing.assert_close(out.total, expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(out.generated, torch.tensor([[1.5 - 6.0], [0.25 - 5.5]], dtype=D64))
+
+
+def test_paired_e2e_rows_need_one_noise_per_e2e_row():
+    with pytest.raises(ValueError, match="1 rows for 2 e2e rows"):
+        _paired(2, e2e_noise_rows=1)
+
+
+def test_paired_e2e_rows_leave_the_other_rows_to_e8(monkeypatch):
+    """With mul rows too, E8 runs for the mul rows only: the paired e2e rows are sliced off before the rollout."""
+    seen = []
+    original = objective.consistency_target
+
+    def recording(rollout, velocity, *args, **kwargs):
+        seen.append(velocity.shape[0])
+        return original(rollout, velocity, *args, **kwargs)
+
+    monkeypatch.setattr(objective, "consistency_target", recording)
+    _paired(2, roles=(1, 1, 0, 0), e2e_noise_rows=1)
+    assert seen == [1]
