@@ -7,23 +7,23 @@ exact one-step velocity of the teacher's ODE, and their target is that velocity 
 regression loss, Yin et al. 2024, arXiv 2311.18828, section 3.3) instead of the E8 self-consistency estimate
 built from independent noise. Only the e2e rows change; the mul, any and adv rows and E12 are as in method.md.
 
-The pool is generated once, written to the run directory (``teacher-pairs.safetensors``, atomically) and read back
-when a run resumes, so a resumed run trains on the same pairs and never regenerates them from trained weights.
+The pool is generated at the start of a run, written to the run directory (``teacher-pairs.safetensors``,
+atomically) and read back when the run resumes, so a resumed run trains on the same pairs and never regenerates
+them from trained weights.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor
 
 from apex_cli.core.sampler import SamplerSettings, sample
+from apex_cli.train.checkpoint import atomic_write_bytes
 
 FILENAME = "teacher-pairs.safetensors"
 COND_PREFIX = "cond."
@@ -49,15 +49,7 @@ class TeacherPairs:
     def save(self, path: Path) -> None:
         """Write the pool to ``path`` atomically (temp file in the same folder, then rename)."""
         tensors = {"z": self.z, "x": self.x, **{COND_PREFIX + k: v for k, v in self.cond.items()}}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_write_bytes(path, save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}))
 
     @classmethod
     def load(cls, path: Path, device: torch.device) -> TeacherPairs:

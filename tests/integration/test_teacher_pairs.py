@@ -54,11 +54,14 @@ def test_the_teacher_pairs_are_generated_once_and_a_resumed_run_reads_them(tmp_p
     assert steps == [1, 2, 3]
 
 
-def test_a_pool_of_another_size_is_regenerated(tmp_path):
+def test_an_overwritten_run_makes_its_own_pool(tmp_path):
     out = tmp_path / "run"
     run_distillation(_recipe(out, 1))
-    run_distillation(load_recipe(str(out / "config.yaml"), ["method.regression_pairs=3"]), overwrite=True)
-    assert len(TeacherPairs.load(out / FILENAME, torch.device("cpu"))) == 3
+    first = TeacherPairs.load(out / FILENAME, torch.device("cpu"))
+    run_distillation(load_recipe(str(out / "config.yaml"), ["method.regression_guidance=0"]), overwrite=True)
+    again = TeacherPairs.load(out / FILENAME, torch.device("cpu"))
+    torch.testing.assert_close(again.z, first.z)  # the same seeded noises ...
+    assert not torch.allclose(again.x, first.x)  # ... integrated without guidance: not the old pool reused
 
 
 def test_resuming_without_the_pool_regenerates_it_from_the_frozen_teacher(tmp_path):

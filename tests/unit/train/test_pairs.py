@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from apex_cli.core.sampler import SamplerSettings
+from apex_cli.train import checkpoint
 from apex_cli.train import pairs as pairs_module
 from apex_cli.train.pairs import TeacherPairs, generate_pairs
 
@@ -65,12 +66,10 @@ def test_a_failed_write_keeps_the_previous_pool(tmp_path, monkeypatch):
     _generate(n=3).save(path)
     before = path.read_bytes()
 
-    def broken(tensors, filename):
-        with open(filename, "wb") as f:
-            f.write(b"partial")
+    def broken(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(pairs_module, "save_file", broken)
+    monkeypatch.setattr(checkpoint.os, "replace", broken)  # the temp file is written, the rename fails
     with pytest.raises(OSError, match="disk full"):
         _generate(n=4).save(path)
     assert path.read_bytes() == before
