@@ -382,3 +382,14 @@ def test_paired_e2e_rows_leave_the_other_rows_to_e8(monkeypatch):
     monkeypatch.setattr(objective, "consistency_target", recording)
     _paired(2, roles=(1, 1, 0, 0), e2e_noise_rows=1)
     assert seen == [1]
+
+
+def test_a_batch_of_paired_e2e_rows_alone_calls_no_rollout(monkeypatch):
+    """roles {e2e: 1} with pairs is a pure regression: no E7/E8 call, not even on zero rows (a UNet's attention
+    cannot reshape an empty batch)."""
+    calls = []
+    monkeypatch.setattr(objective, "consistency_target", lambda *args, **kwargs: calls.append(args))
+    out = _paired(2)
+    assert calls == []
+    expected = torch.tensor(((6.0 - 1.0) ** 2 + (5.5 - 1.25) ** 2) / 2, dtype=D64)
+    torch.testing.assert_close(out.total, expected, rtol=1e-12, atol=0)
