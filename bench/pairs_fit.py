@@ -64,7 +64,7 @@ def cached_pairs(path: Path):
     """``generate_pairs`` that reads a pool an earlier run wrote."""
 
     def generate(teacher, conditions, unconditional, n, sample_shape, settings, seed, advance=None):
-        pool = TeacherPairs.load(path, torch.device("cpu"))
+        pool = TeacherPairs.load(path, next(teacher.parameters()).device)
         if len(pool) != n:
             raise SystemExit(f"{path} holds {len(pool)} pairs: set method.regression_pairs={len(pool)}")
         return pool

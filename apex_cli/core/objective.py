@@ -492,13 +492,9 @@ def apex_loss(
     with torch.no_grad():
         v = noise - x  # (E6)
         target = v
-        if n_real:
-            paired = 0 if e2e_noise is None else roles.e2e  # teacher ODE pairs: their exact velocity is the target
-            real = (  # rows past the paired ones need E7/E8; a batch of paired e2e rows alone needs neither
-                _real_target(models, velocity, x_t, t, r, v, cond, uncond, roles, settings, skip=paired)
-                if n_real > paired
-                else v[paired:n_real]
-            )
+        paired = 0 if e2e_noise is None else roles.e2e  # teacher ODE pairs: their exact velocity is the target
+        if n_real > paired:  # E7/E8 for the unpaired real rows (none when the batch is paired e2e rows alone)
+            real = _real_target(models, velocity, x_t, t, r, v, cond, uncond, roles, settings, skip=paired)
             target = torch.cat([v[:paired], real, v[n_real:]])
     rho = per_sample_loss(velocity, target, settings.loss, settings.barron_c)
     weight = time_weight(t, r)
